@@ -1,0 +1,28 @@
+"""optlab: compress, accelerate, unlearn, audit, embed with and prompt causal LMs.
+
+>>> import optlab
+>>> lm = optlab.load_model("default")
+>>> optlab.evaluate(lm, ["ppl:wiki"], seq_len=512, limit=40)
+
+The API is imported lazily so that ``optlab --help`` does not pay for torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    from optlab import api
+
+    if name in api.__all__:
+        return getattr(api, name)
+    raise AttributeError(f"module 'optlab' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    from optlab import api
+
+    return sorted([*globals(), *api.__all__])

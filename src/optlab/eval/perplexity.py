@@ -1,0 +1,39 @@
+"""Perplexity over non-overlapping windows: exp of the mean token negative log-likelihood."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from optlab.core.data import token_windows
+from optlab.eval.scorer import Scorer
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    perplexity: float
+    nll: float  # mean negative log-likelihood per predicted token, in nats
+    tokens: int  # predicted tokens
+    windows: int
+    seq_len: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def perplexity(
+    scorer: Scorer, text: str, *, seq_len: int | None = None, limit: int | None = None
+) -> Perplexity:
+    """Split ``text`` into consecutive windows of ``seq_len`` tokens (the scorer's context by
+    default; the remainder is dropped), score every token after the first of each window, and
+    return exp(mean NLL). ``limit`` keeps only the first windows, for quick looks.
+
+    This is the WikiText protocol of the pruning and quantization papers.
+    """
+    seq_len = seq_len or scorer.max_length
+    windows = token_windows(scorer.tokenizer, text, seq_len, limit=limit)
+    requests = [(window.tolist(), seq_len - 1) for window in windows]
+    logprob = sum(lp for lp, _ in scorer.score_tokens(requests, desc="perplexity"))
+    tokens = len(requests) * (seq_len - 1)
+    nll = -logprob / tokens
+    return Perplexity(math.exp(nll), nll, tokens, len(requests), seq_len)

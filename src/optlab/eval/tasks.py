@@ -1,0 +1,133 @@
+"""Named evaluation tasks: ``ppl:<corpus>`` and ``mc:<task>`` (plus local files).
+
+A task takes a :class:`Scorer` and returns flat metrics. ``ppl:wiki`` scores the held-out
+Wikipedia part; ``ppl:FILE.txt`` any local text; ``mc:sentiment`` and ``mc:analogy`` are
+multiple-choice tasks on shipped data; ``mc:FILE.jsonl`` reads
+``{"context": ..., "choices": [...], "gold": i}`` lines.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from optlab.core import data
+from optlab.core.config import Registry
+from optlab.errors import OptlabError
+from optlab.eval.perplexity import perplexity
+from optlab.eval.scorer import Scorer
+
+Task = Callable[..., dict[str, Any]]
+TASKS: Registry[Task] = Registry("task")
+
+
+@dataclass(frozen=True)
+class ChoiceItem:
+    context: str
+    choices: tuple[str, ...]
+    gold: int
+
+
+def multiple_choice(scorer: Scorer, items: list[ChoiceItem]) -> dict[str, float | int]:
+    """Accuracy by log-likelihood of each choice (``acc``) and per byte (``acc_norm``),
+    as lm-evaluation-harness computes them."""
+    if not items:
+        raise OptlabError("a multiple-choice task needs at least one item")
+    requests = [(item.context, choice) for item in items for choice in item.choices]
+    scores = iter(scorer.loglikelihood(requests))
+    correct = correct_norm = 0
+    for item in items:
+        logprobs = [next(scores)[0] for _ in item.choices]
+        per_byte = [
+            lp / max(1, len(c.encode())) for lp, c in zip(logprobs, item.choices, strict=True)
+        ]
+        correct += max(range(len(logprobs)), key=logprobs.__getitem__) == item.gold
+        correct_norm += max(range(len(per_byte)), key=per_byte.__getitem__) == item.gold
+    return {"acc": correct / len(items), "acc_norm": correct_norm / len(items), "n": len(items)}
+
+
+def _ppl_task(corpus: str) -> Task:
+    def task(scorer: Scorer, *, limit: int | None = None, seq_len: int | None = None) -> dict:
+        return perplexity(scorer, data.load_text(corpus), seq_len=seq_len, limit=limit).to_dict()
+
+    return task
+
+
+for _corpus in ("wiki", "book", "code"):
+    # ppl:wiki scores the held-out part only; wiki:calib is for calibration.
+    TASKS.register(f"ppl:{_corpus}")(_ppl_task("wiki:eval" if _corpus == "wiki" else _corpus))
+
+
+@TASKS.register("mc:sentiment")
+def sentiment(scorer: Scorer, *, limit: int | None = None, **_: Any) -> dict:
+    """Movie-review polarity (Pang & Lee sentences) as a two-way choice."""
+    sentences = data.sentiment_sentences()
+    random.Random(0).shuffle(sentences)
+    items = [
+        ChoiceItem(f"Review: {s.text}\nSentiment:", (" negative", " positive"), s.label)
+        for s in sentences[:limit]
+    ]
+    return multiple_choice(scorer, items)
+
+
+@TASKS.register("mc:analogy")
+def analogy(scorer: Scorer, *, limit: int | None = None, **_: Any) -> dict:
+    """Word analogies (a : b :: c : ?) with four candidate answers from the same section."""
+    rng = random.Random(0)
+    items = []
+    for questions in data.analogy_questions().values():
+        answers = sorted({q[3] for q in questions})
+        for a, b, c, d in rng.sample(questions, min(len(questions), 50)):
+            distractors = rng.sample([x for x in answers if x != d], 3)
+            choices = [d, *distractors]
+            rng.shuffle(choices)
+            items.append(
+                ChoiceItem(f"{a} is to {b} as {c} is to", tuple(f" {x}" for x in choices),
+                           choices.index(d))
+            )  # fmt: skip
+    rng.shuffle(items)
+    return multiple_choice(scorer, items[:limit])
+
+
+def _choice_file(path: Path) -> Task:
+    def task(scorer: Scorer, *, limit: int | None = None, **_: Any) -> dict:
+        items = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                item = ChoiceItem(row["context"], tuple(row["choices"]), int(row["gold"]))
+            except (ValueError, KeyError, TypeError) as err:
+                raise OptlabError(
+                    f"{path}:{number}: expected {{'context', 'choices', 'gold'}} ({err})"
+                ) from err
+            if not 0 <= item.gold < len(item.choices):
+                raise OptlabError(f"{path}:{number}: gold {item.gold} is not a choice index")
+            items.append(item)
+        return multiple_choice(scorer, items[:limit])
+
+    return task
+
+
+def get_task(name: str) -> Task:
+    """A registered task, or ``ppl:``/``mc:`` applied to a local file."""
+    kind, _, target = name.partition(":")
+    if name not in TASKS and kind in ("ppl", "mc") and ("/" in target or "." in target):
+        path = Path(target).expanduser()
+        if not path.is_file():
+            raise OptlabError(f"task {name!r}: no such file {target!r}")
+        if kind == "ppl":
+            return _ppl_task(str(path))
+        return _choice_file(path)
+    return TASKS.get(name)
+
+
+def run_tasks(scorer: Scorer, names: list[str], **options: Any) -> dict[str, dict[str, Any]]:
+    """Run several tasks; names are checked before any work starts."""
+    tasks = {name: get_task(name) for name in names}
+    return {name: task(scorer, **options) for name, task in tasks.items()}

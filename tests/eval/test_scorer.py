@@ -1,0 +1,97 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from optlab.core.models import load_model
+from optlab.eval.perplexity import perplexity
+from optlab.eval.scorer import Scorer
+
+TEXT = "It was a bright cold day in April, and the clocks were striking thirteen. " * 3
+
+
+def _token_logprob(model, context: list[int], token: int) -> float:
+    """log P(token | context) from a separate forward pass on the context alone."""
+    with torch.no_grad():
+        logits = model(torch.tensor([context])).logits[0, -1]
+    return F.log_softmax(logits.double(), -1)[token].item()
+
+
+@pytest.fixture(params=["llama", "opt", "gpt2"])
+def lm(request):
+    return load_model(f"tiny:{request.param}")
+
+
+def test_perplexity_equals_a_token_by_token_computation(lm) -> None:
+    scorer = Scorer(lm, batch_size=2, progress=False)
+    result = perplexity(scorer, TEXT, seq_len=16, limit=3)
+    ids = lm.tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    nll, count = 0.0, 0
+    for w in range(3):
+        window = ids[w * 16 : (w + 1) * 16]
+        for t in range(1, 16):
+            nll -= _token_logprob(lm.model, window[:t], window[t])
+            count += 1
+    assert result.tokens == count and result.windows == 3
+    assert result.perplexity == pytest.approx(math.exp(nll / count), rel=1e-5)
+
+
+def test_loglikelihood_equals_a_direct_computation(lm) -> None:
+    scorer = Scorer(lm, batch_size=3, progress=False)
+    requests = [("The clocks were ", "striking"), ("", "April"), ("a bright", " cold day")]
+    results = scorer.loglikelihood(requests)
+    for (context, continuation), (logprob, greedy) in zip(requests, results, strict=True):
+        # lm-eval semantics: the context's trailing space moves to the continuation.
+        stripped = context.rstrip()
+        continuation = context[len(stripped) :] + continuation
+        ctx = scorer.encode(stripped) if stripped else [scorer.prefix_token_id]
+        cont = scorer.encode(continuation)
+        expected = sum(_token_logprob(lm.model, ctx + cont[:i], cont[i]) for i in range(len(cont)))
+        assert logprob == pytest.approx(expected, abs=1e-4)
+        with torch.no_grad():
+            logits = lm.model(torch.tensor([ctx + cont])).logits[0]
+        argmax = logits[len(ctx) - 1 : -1].argmax(-1).tolist()
+        assert greedy == (argmax == cont)
+
+
+def test_batching_and_padding_do_not_change_scores(lm) -> None:
+    requests = [(TEXT[:n], TEXT[n : n + 9]) for n in (5, 17, 40, 61, 2)]
+    one = Scorer(lm, batch_size=1, progress=False).loglikelihood(requests)
+    many = Scorer(lm, batch_size=5, progress=False).loglikelihood(requests)
+    for (a, ga), (b, gb) in zip(one, many, strict=True):
+        assert a == pytest.approx(b, abs=1e-4) and ga == gb
+
+
+def test_rolling_loglikelihood_scores_every_token_in_disjoint_windows(lm) -> None:
+    scorer = Scorer(lm, max_length=20, progress=False)
+    text = TEXT[:70]
+    (total,) = scorer.rolling_loglikelihood([text])
+    ids = [scorer.prefix_token_id, *scorer.encode(text)]
+    expected = 0.0
+    for j in range(1, len(ids)):
+        end = min(1 + ((j - 1) // 20 + 1) * 20, len(ids))
+        context = ids[max(0, end - 21) : j]  # the window that predicts token j
+        expected += _token_logprob(lm.model, context, ids[j])
+    assert total == pytest.approx(expected, abs=1e-3)
+    # With room for the whole text, it is the log-likelihood of the text after the prefix.
+    roomy = Scorer(lm, max_length=200, progress=False)
+    (whole,) = roomy.rolling_loglikelihood([text])
+    assert whole == pytest.approx(roomy.loglikelihood([("", text)])[0][0], abs=1e-3)
+    assert whole != pytest.approx(total, abs=1e-3)  # the short windows lost context
+
+
+def test_generate_is_greedy_batched_and_stops(lm) -> None:
+    scorer = Scorer(lm, batch_size=2, progress=False)
+    prompts = ["It was a bright", "The clocks"]
+    batched = scorer.generate(prompts, max_new_tokens=6)
+    for prompt, text in zip(prompts, batched, strict=True):
+        ids = scorer.encode(prompt)
+        for _ in range(6):
+            with torch.no_grad():
+                ids.append(int(lm.model(torch.tensor([ids])).logits[0, -1].argmax()))
+        expected = lm.tokenizer.decode(ids[len(scorer.encode(prompt)) :], skip_special_tokens=True)
+        assert text == expected
+    stop = batched[0][2:4]
+    cut = scorer.generate(prompts[:1], max_new_tokens=6, until=[stop])[0]
+    assert stop not in cut and batched[0].startswith(cut)
