@@ -24,8 +24,8 @@ demo: setup
 	$(BIN)/optlab demo
 
 lint: setup
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # pytest exits 5 when it collected nothing: that is a broken suite, not a pass.
 test: lint
