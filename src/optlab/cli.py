@@ -91,6 +91,35 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--force", action="store_true", help="replace an existing --out")
     evaluate.set_defaults(handler=cmd_eval)
 
+    prune = command(
+        "prune", "prune a model: magnitude, Wanda or SparseGPT; unstructured or N:M",
+        "Prune every linear layer of the decoder blocks to the same sparsity (embeddings and\n"
+        "the LM head stay dense), layer by layer on calibration windows, then measure\n"
+        "perplexity on wiki:eval and write the pruned model and its masks to --out.\n"
+        "  magnitude   |W|, no calibration\n"
+        "  wanda       |W| * ||x||, per output row (Sun et al. 2023)\n"
+        "  sparsegpt   OBS with weight updates, 1% damping, blocks of 128 (Frantar 2023)\n"
+        "example: optlab prune default --method sparsegpt --pattern 2:4 --out runs/sg24",
+    )  # fmt: skip
+    prune.add_argument("model", metavar="MODEL")
+    prune.add_argument("--method", default="wanda", help="magnitude, wanda or sparsegpt")
+    prune.add_argument("--sparsity", type=float, help="fraction pruned (default 0.5)")
+    prune.add_argument("--pattern", default="unstructured", help="unstructured, 2:4 or 4:8")
+    prune.add_argument("--group", default="row", choices=["row", "layer"],
+                       help="comparison group of magnitude / Wanda (default row)")  # fmt: skip
+    prune.add_argument("--calib", default="wiki:calib", help="calibration corpus or .txt file")
+    prune.add_argument("--n-calib", type=_positive, default=128, help="windows (default 128)")
+    prune.add_argument("--seq-len", type=_positive, help="window tokens (default: context)")
+    prune.add_argument("--batch-size", type=_positive, default=8, help="default 8")
+    prune.add_argument("--damp", type=float, default=0.01, help="SparseGPT damping (0.01)")
+    prune.add_argument("--block-size", type=_positive, default=128, help="SparseGPT (128)")
+    prune.add_argument("--eval-limit", type=_positive, help="first N perplexity windows only")
+    prune.add_argument("--eval-seq-len", type=_positive, help="default: --seq-len")
+    prune.add_argument("--no-eval", action="store_true", help="skip the perplexity")
+    prune.add_argument("--out", required=True, help="run directory to write")
+    prune.add_argument("--force", action="store_true", help="replace an existing --out")
+    prune.set_defaults(handler=cmd_prune)
+
     demo = command(
         "demo", "the quickstart recipe on the default model",
         "Load the default model (preparing it once), evaluate it and write a run directory\n"
@@ -122,6 +151,32 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         lm, names, limit=args.limit, seq_len=args.seq_len, batch_size=args.batch_size,
         out=args.out, force=args.force, seed=args.seed, config=_config(args),
     )  # fmt: skip
+
+
+def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
+    from optlab.api import load_model
+    from optlab.prune.pruner import PruneConfig, prune_to_run
+
+    config = PruneConfig(
+        method=args.method, sparsity=args.sparsity, pattern=args.pattern, group=args.group,
+        calib=args.calib, n_calib=args.n_calib, seq_len=args.seq_len,
+        batch_size=args.batch_size, damp=args.damp, block_size=args.block_size, seed=args.seed,
+    )  # fmt: skip
+    config.validate()
+    _refuse_existing(args.out, args.force)
+    lm = load_model(args.model, dtype=args.dtype, device=args.device, seed=args.seed)
+    return prune_to_run(
+        lm, config, args.out, force=args.force, eval_seq_len=args.eval_seq_len,
+        eval_limit=args.eval_limit, evaluate=not args.no_eval,
+    )  # fmt: skip
+
+
+def _refuse_existing(out: str | None, force: bool) -> None:
+    """Fail before loading anything when the run directory exists."""
+    from pathlib import Path
+
+    if out is not None and Path(out).exists() and not force:
+        raise OptlabError(f"run directory {out!r} exists; pass --force to replace it")
 
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:

@@ -321,3 +321,11 @@ def prepare_default() -> Path:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
+
+
+def save_model(lm: LoadedModel, folder: str | Path) -> Path:
+    """Save model (safetensors) and tokenizer so that ``load_model(folder)`` restores both."""
+    folder = Path(folder)
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    return folder

@@ -181,3 +181,13 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def peak_memory_gb() -> dict[str, float]:
+    """Peak resident memory of this process (and peak CUDA memory when a GPU was used)."""
+    import resource
+
+    peak = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 1024**3
+    return peak
