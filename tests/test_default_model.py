@@ -34,6 +34,11 @@ def test_demo_writes_a_readable_run(capsys, tmp_path) -> None:
     result = json.loads(capsys.readouterr().out)
     assert result["run"] == str(out)
     report = (out / "report.md").read_text()
-    assert "perplexity" in report and "Paris" in report
+    assert "perplexity" in report and "Paris" in report and "Wanda 50%" in report
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["ppl:wiki"]["windows"] == 2 and 0.5 < metrics["mc:sentiment"]["acc"] <= 1
+    assert metrics["dense"]["ppl:wiki"]["windows"] == 2
+    assert 0.5 < metrics["dense"]["mc:sentiment"]["acc"] <= 1
+    assert metrics["prune"]["sparsity"] == 0.5
+    # Pruning half the weights costs perplexity, but the model stays a language model.
+    dense, pruned = metrics["dense"]["ppl:wiki"], metrics["wanda50"]["ppl:wiki"]
+    assert dense["perplexity"] < pruned["perplexity"] < 10 * dense["perplexity"]

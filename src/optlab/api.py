@@ -38,8 +38,7 @@ def describe_model(lm: LoadedModel) -> dict[str, Any]:
         "parameters_per_block": per_block,
         "hidden_size": lm.model.config.hidden_size,
         "vocab_size": lm.model.config.vocab_size,
-        "context_length": getattr(lm.model.config, "max_position_embeddings", None)
-        or getattr(lm.model.config, "n_positions", None),
+        "context_length": context_length_native(lm),
         "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
         "linears_per_block": len(linears),
         "linears": {name: "x".join(map(str, shape)) for name, shape in linears.items()},

@@ -120,14 +120,42 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--force", action="store_true", help="replace an existing --out")
     prune.set_defaults(handler=cmd_prune)
 
+    retrain = command(
+        "retrain", "retrain a pruned run: PERP, full retraining or reconstruction",
+        "Retrain the pruned model of RUN and write a new run. The sparsity mask holds exactly.\n"
+        "  perp          train only --params: bias, norm, head, lora (adapters on every\n"
+        "                pruned linear: maskl = W + s(BA*M), scalel = W*(BA), prune, plain)\n"
+        "  full          all weights, masks re-applied after every step (the baseline)\n"
+        "  reconstruct   block by block, match the dense block's output (PEFT params only)\n"
+        "Runs on HF Accelerate: `accelerate launch -m optlab.cli retrain ...` uses many GPUs.\n"
+        "example: optlab retrain runs/w50 --method perp --steps 200 --out runs/w50-perp",
+    )  # fmt: skip
+    retrain.add_argument("run", metavar="RUN", help="a run directory written by optlab prune")
+    retrain.add_argument("--method", default="perp", help="perp, full or reconstruct")
+    retrain.add_argument("--params", default="bias,norm,lora", help="default bias,norm,lora")
+    retrain.add_argument("--lora", default="maskl", help="maskl, scalel, prune or plain")
+    retrain.add_argument("--rank", type=_positive, default=16, help="LoRA rank (16)")
+    retrain.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha (32)")
+    retrain.add_argument("--steps", type=_positive, default=200, help="optimizer steps (200)")
+    retrain.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (5e-4)")
+    retrain.add_argument("--batch-size", type=_positive, default=1, help="windows per step (1)")
+    retrain.add_argument("--grad-accum", type=_positive, default=2, help="accumulation (2)")
+    retrain.add_argument("--seq-len", type=_positive, default=512, help="window tokens (512)")
+    retrain.add_argument("--corpus", default="wiki:calib", help="training text (wiki:calib)")
+    retrain.add_argument("--eval-limit", type=_positive, help="first N perplexity windows only")
+    retrain.add_argument("--no-eval", action="store_true", help="skip the perplexity")
+    retrain.add_argument("--out", required=True, help="run directory to write")
+    retrain.add_argument("--force", action="store_true", help="replace an existing --out")
+    retrain.set_defaults(handler=cmd_retrain)
+
     demo = command(
         "demo", "the quickstart recipe on the default model",
-        "Load the default model (preparing it once), evaluate it and write a run directory\n"
-        "with a Markdown report. Grows as methods land.",
+        "Load the default model (preparing it once), evaluate it, prune it 50% with Wanda,\n"
+        "evaluate it again and write a run directory with a Markdown report.",
     )  # fmt: skip
     demo.add_argument("--out", help="run directory (default runs/demo-<time>)")
     demo.add_argument("--force", action="store_true", help="replace an existing --out")
-    demo.add_argument("--limit", type=_positive, default=40, help="perplexity windows (40)")
+    demo.add_argument("--limit", type=_positive, default=20, help="perplexity windows (20)")
     demo.set_defaults(handler=cmd_demo)
     return parser
 
@@ -167,6 +195,23 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     lm = load_model(args.model, dtype=args.dtype, device=args.device, seed=args.seed)
     return prune_to_run(
         lm, config, args.out, force=args.force, eval_seq_len=args.eval_seq_len,
+        eval_limit=args.eval_limit, evaluate=not args.no_eval,
+    )  # fmt: skip
+
+
+def cmd_retrain(args: argparse.Namespace) -> dict[str, Any]:
+    from optlab.retrain.job import retrain_to_run, source_run
+    from optlab.retrain.perp import PerpConfig
+
+    config = PerpConfig(
+        method=args.method, params=args.params, lora=args.lora, rank=args.rank,
+        alpha=args.alpha, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, seq_len=args.seq_len, corpus=args.corpus, seed=args.seed,
+    )  # fmt: skip
+    source_run(args.run)
+    _refuse_existing(args.out, args.force)
+    return retrain_to_run(
+        args.run, config, args.out, force=args.force, dtype=args.dtype, device=args.device,
         eval_limit=args.eval_limit, evaluate=not args.no_eval,
     )  # fmt: skip
 

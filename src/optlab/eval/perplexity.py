@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
-from optlab.core.data import token_windows
+from optlab.core.data import load_text, token_windows
+from optlab.core.models import LoadedModel
 from optlab.eval.scorer import Scorer
+
+log = logging.getLogger("optlab")
 
 
 @dataclass(frozen=True)
@@ -37,3 +42,14 @@ def perplexity(
     tokens = len(requests) * (seq_len - 1)
     nll = -logprob / tokens
     return Perplexity(math.exp(nll), nll, tokens, len(requests), seq_len)
+
+
+def wiki_perplexity(
+    lm: LoadedModel, seq_len: int | None = None, limit: int | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Perplexity on the held-out Wikipedia text (``wiki:eval``), as every method reports it."""
+    result = perplexity(Scorer(lm, progress=progress), load_text("wiki:eval"), seq_len=seq_len,
+                        limit=limit).to_dict()  # fmt: skip
+    log.info("wiki:eval perplexity %.3f (%d x %d tokens)", result["perplexity"],
+             result["windows"], result["seq_len"])  # fmt: skip
+    return result

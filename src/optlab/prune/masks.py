@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from optlab.core.anatomy import Anatomy, weight_matrix
+from optlab.core.models import LoadedModel, save_model
 from optlab.errors import OptlabError
 
 
@@ -102,3 +105,10 @@ def check_nm(weight: torch.Tensor, n: int, m: int) -> bool:
     rows, cols = weight.shape
     zeros = (weight.reshape(rows, cols // m, m) == 0).sum(-1)
     return bool((zeros >= n).all())
+
+
+def save_sparse_model(lm: LoadedModel, folder: Path) -> None:
+    """``folder/model/`` (reloadable with ``load_model``) and ``folder/masks.safetensors``."""
+    save_model(lm, folder / "model")
+    masks = {name: mask.contiguous().cpu() for name, mask in masks_of(lm.model).items()}
+    save_file(masks, folder / "masks.safetensors")

@@ -14,19 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from optlab.core.anatomy import Anatomy, weight_matrix
 from optlab.core.config import config_to_dict
 from optlab.core.data import load_text, sample_windows
 from optlab.core.layerwise import BlockContext, batched, run_layerwise
-from optlab.core.models import LoadedModel, save_model
+from optlab.core.models import LoadedModel
 from optlab.core.run import Run, peak_memory_gb, seed_everything
 from optlab.core.stats import Hessian, InputNorms, record_inputs
 from optlab.errors import OptlabError, did_you_mean
-from optlab.eval.perplexity import perplexity
-from optlab.eval.scorer import Scorer, context_length
-from optlab.prune.masks import Pattern, keep_mask, masks_of, sparsity_report
+from optlab.eval.perplexity import wiki_perplexity
+from optlab.eval.scorer import context_length
+from optlab.prune.masks import Pattern, keep_mask, save_sparse_model, sparsity_report
 from optlab.prune.sparsegpt import sparsegpt_prune
 
 log = logging.getLogger("optlab")
@@ -89,8 +88,10 @@ def prune(lm: LoadedModel, config: PruneConfig, *, progress: bool = True) -> dic
 
         run_layerwise(model, batched(calib, config.batch_size), on_block, progress=progress)
     seconds = time.perf_counter() - start
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return {
         "sparsity": sparsity_report(model),
+        "weights_gb": weight_bytes / 1024**3,
         "prune_seconds": seconds,
         "seconds_per_block": seconds / len(anatomy.blocks),
     }
@@ -142,15 +143,10 @@ def prune_to_run(
         metrics = prune(lm, config, progress=progress)
         log.info("sparsity %.4f in %.1f s", metrics["sparsity"]["total"], metrics["prune_seconds"])
         if evaluate:
-            scorer = Scorer(lm, progress=progress)
-            seq_len = eval_seq_len or config.seq_len or context_length(lm.model)
-            ppl = perplexity(scorer, load_text("wiki:eval"), seq_len=seq_len, limit=eval_limit)
-            metrics["perplexity"] = ppl.to_dict()
-            log.info("wiki:eval perplexity %.3f", ppl.perplexity)
+            seq_len = eval_seq_len or config.seq_len
+            metrics["perplexity"] = wiki_perplexity(lm, seq_len, eval_limit, progress)
         metrics.update(peak_memory_gb())
         run.add_metrics(metrics)
-        save_model(lm, run.dir / "model")
-        save_file({k: v.contiguous() for k, v in masks_of(lm.model).items()},
-                  run.dir / "masks.safetensors")  # fmt: skip
+        save_sparse_model(lm, run.dir)
     log.info("pruned model written to %s", run.path)
     return {**metrics, "run": str(run.path)}

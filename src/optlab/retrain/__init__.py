@@ -1,0 +1,33 @@
+"""PERP retraining of pruned models: parameter selection, masked LoRA variants, reconstruction.
+
+>>> from optlab.retrain import PerpConfig, retrain
+>>> metrics = retrain(lm, PerpConfig(params=("bias", "norm", "lora"), lora="maskl"))
+"""
+
+from optlab.retrain.lora import VARIANTS, LoraLinear, adapters_of, add_adapters, merge_adapters
+from optlab.retrain.perp import (
+    METHODS,
+    PARAM_SETS,
+    PerpConfig,
+    masks_of,
+    retrain,
+    select_trainable,
+    sparsity_report,
+    untie_head,
+)
+
+__all__ = [
+    "METHODS",
+    "PARAM_SETS",
+    "VARIANTS",
+    "LoraLinear",
+    "PerpConfig",
+    "adapters_of",
+    "add_adapters",
+    "masks_of",
+    "merge_adapters",
+    "retrain",
+    "select_trainable",
+    "sparsity_report",
+    "untie_head",
+]

@@ -1,0 +1,492 @@
+"""PERP: retrain a pruned model by training only a tiny, expressive subset of parameters.
+
+Zimmer et al., "PERP: Rethinking the Prune-Retrain Paradigm in the Era of LLMs" (2023).
+After pruning, a few hundred steps on biases, norms and masked LoRA adapters recover most of
+what full retraining recovers, at a fraction of a percent of the parameters.
+
+Contract with the pruning code: a pruned model is an ordinary Hugging Face causal LM whose
+block linears hold zeros; the mask M = 1[W != 0] is read from the weights when retraining
+starts and must hold **exactly** afterwards (same zero set, checked and reported).
+
+Three methods share one parameter selection and one merge:
+
+- ``perp``: train the chosen subset (``bias``, ``norm``, ``head``, ``lora``) on next-token
+  loss with one HF Accelerate loop (``accelerate launch`` runs it on several GPUs as is).
+- ``full``: the baseline PERP is compared against: every parameter trains, and the masks are
+  re-applied after each optimizer step so pruned weights stay exactly zero.
+- ``reconstruct``: block by block (``run_layerwise``), train the block's subset so that its
+  output matches the dense block's output on the same (pruned-prefix) inputs.
+
+>>> lm = load_model("runs/wanda50/model")
+>>> metrics = retrain(lm, PerpConfig(steps=200))
+>>> metrics["mask_held"], metrics["trainable_share"]
+(True, 0.0035)
+>>> lm.model.save_pretrained("runs/wanda50-perp/model")  # a plain sparse HF model
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from optlab.core.anatomy import Anatomy, weight_matrix
+from optlab.core.data import load_text, sample_windows
+from optlab.core.layerwise import BlockContext, batched, call_block, run_layerwise
+from optlab.core.models import LoadedModel
+from optlab.errors import OptlabError, did_you_mean
+from optlab.prune.masks import masks_of, pruned_linears, sparsity_report
+from optlab.retrain.lora import VARIANTS, adapters_of, add_adapters, merge_adapters
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+log = logging.getLogger("optlab")
+
+METHODS = ("perp", "full", "reconstruct")
+PARAM_SETS = ("bias", "norm", "head", "lora")
+
+
+@dataclass(frozen=True)
+class PerpConfig:
+    """How to retrain a pruned model.
+
+    ``params`` defaults to biases, norms and MaskLoRA adapters: MaskLoRA trains exactly the
+    function it merges, and leaving the head out keeps a tied embedding tied (training the
+    head of SmolLM2/OPT/GPT-2 means untying it, see :func:`untie_head`). ``steps`` are
+    optimizer steps, honoured exactly; each sees ``batch_size * grad_accum`` windows of
+    ``seq_len`` tokens (per process). For ``reconstruct``, ``steps`` counts per block and the
+    data is ``windows`` fixed windows; ``params`` and ``lora`` are ignored by ``full``, which
+    trains everything.
+
+    >>> PerpConfig(params=("bias", "norm"), steps=100)
+    >>> PerpConfig(params="bias,norm,lora", lora="scalel")   # a comma list works too
+    """
+
+    method: str = "perp"
+    params: tuple[str, ...] = ("bias", "norm", "lora")
+    lora: str = "maskl"
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    steps: int = 200
+    lr: float = 5e-4
+    batch_size: int = 1
+    grad_accum: int = 2
+    seq_len: int = 512
+    warmup: float = 0.1
+    corpus: str = "wiki:calib"
+    seed: int = 0
+    windows: int = 32
+
+    def __post_init__(self) -> None:
+        params = self.params
+        if isinstance(params, str):
+            params = [p.strip() for p in params.split(",") if p.strip()]
+        params = tuple(dict.fromkeys(params))  # lists from YAML, duplicates dropped
+        object.__setattr__(self, "params", params)
+        if self.method not in METHODS:
+            raise did_you_mean("retraining method", self.method, METHODS)
+        for name in params:
+            if name not in PARAM_SETS:
+                raise did_you_mean("parameter set", name, PARAM_SETS)
+        if self.lora not in VARIANTS:
+            raise did_you_mean("LoRA variant", self.lora, VARIANTS)
+        if self.method != "full" and not params:
+            raise OptlabError(f"params is empty: pick from {', '.join(PARAM_SETS)}")
+        if self.method == "reconstruct" and "head" in params:
+            raise OptlabError("reconstruct trains block by block: the head is no block's part")
+        for name in ("rank", "steps", "batch_size", "grad_accum", "seq_len", "windows"):
+            if getattr(self, name) < 1:
+                raise OptlabError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            raise OptlabError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.lora == "scalel" and self.dropout:
+            raise OptlabError("ScaleLoRA multiplies the weight: input dropout has no meaning")
+        if not self.lr > 0:
+            raise OptlabError(f"lr must be positive, got {self.lr}")
+        if not 0 <= self.warmup < 1:
+            raise OptlabError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks (M = 1[W != 0] and sparsity accounting live in optlab.prune.masks, shared with pruning)
+
+
+def _masks_on_cpu(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``masks_of`` moved to the CPU layer by layer: two copies of every mask (before and after
+    retraining) need not sit in accelerator memory next to the model."""
+    return {name: (weight_matrix(m) != 0).cpu() for name, m in pruned_linears(model).items()}
+
+
+def compare_masks(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> dict:
+    """How the zero set moved: ``regrown`` pruned weights became non-zero, ``newly_zero``
+    surviving weights became exactly zero. The mask held iff both are 0."""
+    regrown = sum(int((after[n] & ~m).sum()) for n, m in before.items())
+    newly_zero = sum(int((m & ~after[n]).sum()) for n, m in before.items())
+    return {"mask_held": regrown == 0 and newly_zero == 0, "regrown": regrown,
+            "newly_zero": newly_zero}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter selection
+
+
+def is_norm(module: nn.Module) -> bool:
+    """LayerNorm, RMSNorm and every family's own norm class (``LlamaRMSNorm``, ...)."""
+    return isinstance(module, nn.LayerNorm | nn.RMSNorm | nn.GroupNorm) or (
+        "Norm" in type(module).__name__
+    )
+
+
+def untie_head(model: nn.Module) -> bool:
+    """Give a head tied to the input embedding its own copy of the weight; True if it was tied.
+
+    Training a tied head would train the embedding too (they are one tensor), which is not
+    the "head" subset. The copy is saved as ``lm_head.weight`` with
+    ``tie_word_embeddings=False``, so the retrained model reloads with both matrices (the
+    checkpoint grows by vocab x hidden).
+    """
+    anatomy = Anatomy.of(model)
+    head, embed = anatomy.lm_head, anatomy.embed
+    if head.weight is not embed.weight:
+        return False
+    head.weight = nn.Parameter(embed.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+    return True
+
+
+def select_trainable(model: nn.Module, params: tuple[str, ...]) -> dict[str, nn.Parameter]:
+    """Freeze everything but the chosen subsets; return the trainable parameters by name.
+
+    ``bias``: every parameter named ``bias``; ``norm``: weights and biases of norm modules;
+    ``head``: the LM head (untie it first); ``lora``: the adapters' A and B (add them first).
+    """
+    anatomy = Anatomy.of(model)
+    chosen: set[int] = set()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if (
+                ("bias" in params and name == "bias")
+                or ("norm" in params and is_norm(module))
+                or ("lora" in params and name in ("lora_A", "lora_B"))
+                or ("head" in params and module is anatomy.lm_head)
+            ):
+                chosen.add(id(param))
+    if "lora" in params and not adapters_of(model):
+        raise OptlabError("params include lora but the model has no adapters")
+    trainable = {}
+    for name, param in model.named_parameters():  # tied parameters appear once
+        param.requires_grad_(id(param) in chosen)
+        if id(param) in chosen:
+            trainable[name] = param
+    return trainable
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; tied tensors count once, adapters count."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+@dataclass
+class _Prepared:
+    """What ``retrain`` changed on the model, so it can be undone at the end."""
+
+    compute_dtype: torch.dtype  # the model's own dtype: forwards run in it (autocast)
+    dtypes: dict[int, torch.dtype] = field(default_factory=dict)  # by id(param)
+    requires_grad: dict[int, bool] = field(default_factory=dict)
+    head_untied: bool = False
+
+    def restore(self, model: nn.Module) -> None:
+        for param in model.parameters():
+            if id(param) in self.dtypes:  # trained in fp32, saved in the model's dtype
+                param.data = param.data.to(self.dtypes[id(param)])
+            param.requires_grad_(self.requires_grad.get(id(param), True))
+
+
+def _prepare(model: nn.Module, config: PerpConfig) -> _Prepared:
+    prepared = _Prepared(
+        compute_dtype=Anatomy.of(model).embed.weight.dtype,
+        requires_grad={id(p): p.requires_grad for p in model.parameters()},
+    )
+    if config.method == "full":
+        for param in model.parameters():
+            param.requires_grad_(True)
+    else:
+        if "head" in config.params:
+            prepared.head_untied = untie_head(model)
+        if "lora" in config.params:
+            add_adapters(model, config.lora, config.rank, config.alpha, config.dropout)
+        select_trainable(model, config.params)
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            # Trainable tensors in fp32: bf16 updates of size lr * grad round away.
+            prepared.dtypes[id(param)] = param.dtype
+            param.data = param.data.float()
+    return prepared
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def _accelerator(grad_accum: int) -> Accelerator:
+    from accelerate import Accelerator
+
+    # accelerate.backward() divides the loss by this, so it must be the real accumulation.
+    return Accelerator(gradient_accumulation_steps=grad_accum)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Run a bf16/fp16 model in its dtype while its trainable tensors are fp32 (mixed
+    precision: without it, an fp32 norm weight would hand fp32 inputs to bf16 linears)."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _schedule(optimizer: torch.optim.Optimizer, config: PerpConfig) -> Any:
+    """Linear warmup over ``warmup * steps`` then linear decay to zero (HF's schedule)."""
+    from transformers import get_linear_schedule_with_warmup
+
+    return get_linear_schedule_with_warmup(
+        optimizer, round(config.warmup * config.steps), config.steps
+    )
+
+
+def _finite(loss: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(loss):
+        raise OptlabError(
+            f"retraining loss is {loss.item()} at {where}: lower --lr, or check the model for "
+            "NaN/inf weights"
+        )
+
+
+def _train_lm(
+    accelerator: Accelerator,
+    model: nn.Module,
+    config: PerpConfig,
+    windows: torch.Tensor,
+    dtype: torch.dtype,
+    progress: bool,
+) -> dict:
+    """Next-token training of the parameters with ``requires_grad``, on HF Accelerate.
+
+    Each process draws the same windows and takes every ``num_processes``-th micro-batch, so
+    a step is ``grad_accum`` micro-batches per process and the step count never changes.
+    """
+    home = next(model.parameters()).device
+    masks = []
+    if config.method == "full":  # in each weight's own layout (Conv1D is in x out)
+        masks = [(m.weight, m.weight.detach() != 0) for m in pruned_linears(model).values()]
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    # The scheduler is stepped by hand once per optimizer step: a prepared one would step
+    # num_processes times per step, as it assumes a sharded dataloader we do not use.
+    scheduler = _schedule(optimizer, config)
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    masks = [(weight, mask.to(weight.device)) for weight, mask in masks]
+    rank, world = accelerator.process_index, accelerator.num_processes
+    size = config.batch_size
+    losses: list[float] = []
+    was_training = model.training
+    wrapped.train()  # dropout on, as in the official (HF Trainer) retraining
+    bar = tqdm(total=config.steps, desc=f"retrain {config.method}", leave=False,
+               disable=not progress or not accelerator.is_local_main_process)  # fmt: skip
+    try:
+        for step in range(1, config.steps + 1):
+            total = torch.zeros((), device=accelerator.device)
+            for micro in range(config.grad_accum):
+                index = ((step - 1) * config.grad_accum + micro) * world + rank
+                ids = windows[index * size : (index + 1) * size].to(accelerator.device)
+                with accelerator.accumulate(wrapped):
+                    with _autocast(accelerator.device, dtype):
+                        loss = wrapped(input_ids=ids, labels=ids, use_cache=False).loss
+                    _finite(loss, f"step {step}")
+                    accelerator.backward(loss)
+                    optimizer.step()  # a no-op until the last micro-batch of the step
+                    optimizer.zero_grad()
+                total += loss.detach()
+            if not accelerator.sync_gradients:  # the accumulation count drifted: a bug
+                raise RuntimeError(f"step {step} ended without an optimizer step")
+            scheduler.step()
+            with torch.no_grad():
+                for weight, mask in masks:
+                    weight.mul_(mask)
+            mean = accelerator.reduce(total / config.grad_accum, "mean").item()
+            losses.append(mean)
+            bar.update()
+            bar.set_postfix(loss=f"{mean:.4f}")
+    finally:
+        bar.close()
+        model.train(was_training)
+    optimizer_steps = max((int(s["step"]) for s in optimizer.state.values()), default=0)
+    # Drops the autocast forward a mixed-precision `accelerate launch` patches onto the model.
+    accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)
+    accelerator.free_memory()
+    if not hasattr(model, "hf_device_map"):  # a dispatched model stays where accelerate put it
+        model.to(home)
+    return {"losses": losses, "optimizer_steps": optimizer_steps}
+
+
+def _reconstruct(
+    model: nn.Module,
+    dense: nn.Module,
+    config: PerpConfig,
+    windows: torch.Tensor,
+    dtype: torch.dtype,
+    progress: bool,
+) -> dict:
+    """Per block: fit the block's trainable subset so its output matches the dense block's on
+    the inputs the (already reconstructed) pruned prefix produces, then move on.
+
+    Blocks train in eval mode: dropout would only add noise to a regression target.
+    """
+    dense_blocks = Anatomy.of(dense).blocks
+    if len(dense_blocks) != len(Anatomy.of(model).blocks):
+        raise OptlabError("the dense model has a different number of blocks than the pruned one")
+    losses: list[float] = []
+    block_mse: list[dict[str, float]] = []
+
+    def mse(block: nn.Module, ctx: BlockContext, targets: list[torch.Tensor], b: int):
+        with _autocast(ctx.inputs[b].device, dtype):
+            out = call_block(block, ctx.inputs[b], ctx.args[b], ctx.kwargs[b])
+        return F.mse_loss(out.float(), targets[b].float())
+
+    def fit(ctx: BlockContext) -> None:
+        dense_block = dense_blocks[ctx.index]
+        dense_home = next(dense_block.parameters()).device
+        dense_block.to(ctx.inputs[0].device)
+        with torch.no_grad():
+            batches = zip(ctx.inputs, ctx.args, ctx.kwargs, strict=True)
+            targets = [call_block(dense_block, x, a, k) for x, a, k in batches]
+        dense_block.to(dense_home)
+        n = len(ctx.inputs)
+        with torch.no_grad():
+            before = sum(mse(ctx.block, ctx, targets, b).item() for b in range(n)) / n
+        params = [p for p in ctx.block.parameters() if p.requires_grad]
+        if params:
+            optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+            scheduler = _schedule(optimizer, config)
+            for step in range(1, config.steps + 1):
+                total = 0.0
+                for micro in range(config.grad_accum):
+                    b = ((step - 1) * config.grad_accum + micro) % n  # cycle over the batches
+                    loss = mse(ctx.block, ctx, targets, b)
+                    _finite(loss, f"block {ctx.index} step {step}")
+                    (loss / config.grad_accum).backward()
+                    total += loss.item()
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(total / config.grad_accum)
+        with torch.no_grad():
+            after = sum(mse(ctx.block, ctx, targets, b).item() for b in range(n)) / n
+        block_mse.append({"block": ctx.index, "before": before, "after": after})
+
+    was_training = model.training
+    model.eval()
+    try:
+        run_layerwise(model, batched(windows, config.batch_size), fit, progress=progress)
+    finally:
+        model.train(was_training)
+    return {"losses": losses, "optimizer_steps": config.steps, "block_mse": block_mse}
+
+
+def retrain(
+    lm: LoadedModel,
+    config: PerpConfig | None = None,
+    *,
+    dense: LoadedModel | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Retrain the pruned ``lm`` in place; adapters are merged, so it ends a plain sparse model.
+
+    ``dense`` (the model before pruning) is needed by ``method="reconstruct"`` only. Returns
+    metrics: ``losses`` (one per optimizer step), ``trainable_parameters``,
+    ``total_parameters`` (of the model as trained: adapters and an untied head copy count),
+    ``trainable_share``, ``seconds``, ``sparsity_before`` / ``sparsity_after`` and
+    ``mask_held`` (the zero set of every block linear is unchanged).
+
+    >>> metrics = retrain(lm, PerpConfig(params=("bias", "norm", "lora"), steps=200))
+    >>> metrics["sparsity_after"]["total"] == metrics["sparsity_before"]["total"]
+    True
+    """
+    config = config or PerpConfig()
+    if config.method == "reconstruct" and dense is None:
+        raise OptlabError("method 'reconstruct' needs the dense model (dense=...)")
+    model = lm.model
+    if adapters_of(model):
+        raise OptlabError("the model already has LoRA adapters: merge_adapters() it first")
+    torch.manual_seed(config.seed)  # adapter init and dropout
+    accelerator = None
+    if config.method == "reconstruct":
+        count = config.windows
+    else:
+        # accelerate.Accelerator: imported here, as it is slow and only training needs it.
+        accelerator = _accelerator(config.grad_accum)
+        count = config.steps * config.grad_accum * config.batch_size * accelerator.num_processes
+    windows = sample_windows(lm.tokenizer, load_text(config.corpus), count, config.seq_len,
+                             config.seed)  # fmt: skip
+    masks_before = _masks_on_cpu(model)
+    sparsity_before = sparsity_report(model)
+    start = time.perf_counter()
+    prepared = _prepare(model, config)
+    trainable, total = parameter_counts(model)
+    log.info("retraining %d of %d parameters (%.3f%%)", trainable, total, 100 * trainable / total)
+    try:
+        if config.method == "reconstruct":
+            assert dense is not None
+            result = _reconstruct(
+                model, dense.model, config, windows, prepared.compute_dtype, progress
+            )
+        else:
+            assert accelerator is not None
+            result = _train_lm(
+                accelerator, model, config, windows, prepared.compute_dtype, progress
+            )
+    finally:
+        merged = merge_adapters(model)
+        prepared.restore(model)
+    seconds = time.perf_counter() - start
+    moved = compare_masks(masks_before, _masks_on_cpu(model))
+    if config.method != "full" and config.lora == "plain" and "lora" in config.params:
+        log.warning("plain LoRA merged densely: the pruned weights are no longer zero")
+    return {
+        "method": config.method,
+        "params": "all" if config.method == "full" else ",".join(config.params),
+        "lora": config.lora if config.method != "full" and "lora" in config.params else None,
+        **result,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "trainable_share": trainable / total,
+        "seconds": seconds,
+        "head_untied": prepared.head_untied,
+        "merged_adapters": merged,
+        "sparsity_before": sparsity_before,
+        "sparsity_after": sparsity_report(model),
+        **moved,
+    }
+
+
+__all__ = [
+    "METHODS",
+    "PARAM_SETS",
+    "PerpConfig",
+    "compare_masks",
+    "is_norm",
+    "masks_of",
+    "parameter_counts",
+    "retrain",
+    "select_trainable",
+    "sparsity_report",
+    "untie_head",
+]
