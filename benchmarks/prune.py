@@ -72,7 +72,7 @@ def scale(args: argparse.Namespace, work: Path) -> None:
     print(f"{model}; calibration {args.scale_calib} x {args.seq_len} tokens\n")
     row("method", "prune s", "s / block", "peak RSS GB", "RSS / fp32 weights", "sparsity")
     row(*["---"] * 6)
-    for method in ("wanda", "sparsegpt"):
+    for method in args.methods.split(","):
         r = optlab(
             "prune", model, "--method", method, "--n-calib", str(args.scale_calib),
             "--seq-len", str(args.seq_len), "--no-eval", "--out", str(work / method),
@@ -85,7 +85,8 @@ def scale(args: argparse.Namespace, work: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="default")
-    parser.add_argument("--methods", default="magnitude,wanda,sparsegpt")
+    parser.add_argument("--methods", default="magnitude,wanda,sparsegpt", help="with --scale: "
+                        "wanda,sparsegpt")  # fmt: skip
     parser.add_argument("--patterns", default="unstructured,2:4")
     parser.add_argument("--n-calib", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)

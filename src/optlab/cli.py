@@ -39,6 +39,18 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def _output_options(
+    parser: argparse.ArgumentParser, *, required: bool, what: str = "run directory to write"
+) -> None:
+    parser.add_argument("--out", required=required, help=what)
+    parser.add_argument("--force", action="store_true", help="replace an existing --out")
+
+
+def _perplexity_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--eval-limit", type=_positive, help="first N perplexity windows only")
+    parser.add_argument("--no-eval", action="store_true", help="skip the perplexity")
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -87,8 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=_positive, help="first N windows / items per task")
     evaluate.add_argument("--seq-len", type=_positive, help="perplexity window (default: context)")
     evaluate.add_argument("--batch-size", type=_positive, default=8, help="default 8")
-    evaluate.add_argument("--out", help="also write a run directory here")
-    evaluate.add_argument("--force", action="store_true", help="replace an existing --out")
+    _output_options(evaluate, required=False, what="also write a run directory here")
     evaluate.set_defaults(handler=cmd_eval)
 
     prune = command(
@@ -113,11 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--batch-size", type=_positive, default=8, help="default 8")
     prune.add_argument("--damp", type=float, default=0.01, help="SparseGPT damping (0.01)")
     prune.add_argument("--block-size", type=_positive, default=128, help="SparseGPT (128)")
-    prune.add_argument("--eval-limit", type=_positive, help="first N perplexity windows only")
     prune.add_argument("--eval-seq-len", type=_positive, help="default: --seq-len")
-    prune.add_argument("--no-eval", action="store_true", help="skip the perplexity")
-    prune.add_argument("--out", required=True, help="run directory to write")
-    prune.add_argument("--force", action="store_true", help="replace an existing --out")
+    _perplexity_options(prune)
+    _output_options(prune, required=True)
     prune.set_defaults(handler=cmd_prune)
 
     retrain = command(
@@ -142,10 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     retrain.add_argument("--grad-accum", type=_positive, default=2, help="accumulation (2)")
     retrain.add_argument("--seq-len", type=_positive, default=512, help="window tokens (512)")
     retrain.add_argument("--corpus", default="wiki:calib", help="training text (wiki:calib)")
-    retrain.add_argument("--eval-limit", type=_positive, help="first N perplexity windows only")
-    retrain.add_argument("--no-eval", action="store_true", help="skip the perplexity")
-    retrain.add_argument("--out", required=True, help="run directory to write")
-    retrain.add_argument("--force", action="store_true", help="replace an existing --out")
+    _perplexity_options(retrain)
+    _output_options(retrain, required=True)
     retrain.set_defaults(handler=cmd_retrain)
 
     demo = command(
@@ -153,8 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Load the default model (preparing it once), evaluate it, prune it 50% with Wanda,\n"
         "evaluate it again and write a run directory with a Markdown report.",
     )  # fmt: skip
-    demo.add_argument("--out", help="run directory (default runs/demo-<time>)")
-    demo.add_argument("--force", action="store_true", help="replace an existing --out")
+    _output_options(demo, required=False, what="run directory (default runs/demo-<time>)")
     demo.add_argument("--limit", type=_positive, default=20, help="perplexity windows (20)")
     demo.set_defaults(handler=cmd_demo)
     return parser
