@@ -14,26 +14,21 @@ log = logging.getLogger("optlab")
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper triangular U with U^T U = (H + damp * mean(diag H) * I)^-1, in fp32.
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, in fp32.
 
-    With J the index reversal, J H J = M M^T (Cholesky) gives H = R R^T for the upper
-    R = J M J, so U = R^-1 = J M^-1 J: one factorisation and one triangular inverse, about half
-    the work of inverting H and factoring the inverse again. If H is too ill-conditioned,
-    damping grows tenfold (with a warning) rather than failing the run.
+    If H is too ill-conditioned for Cholesky, damping grows tenfold (and a warning says so)
+    rather than failing the whole run.
     """
-    n = hessian.shape[0]
-    flipped = hessian.flip(0, 1)
     mean = hessian.diagonal().mean()
     for attempt in range(4):
         factor = damp * 10**attempt
-        damped = flipped.clone()
-        damped.diagonal().add_(factor * mean)
+        damped = hessian.clone()
+        damped.diagonal().add_(factor * mean)  # in place: no n x n identity is built
         lower, info = torch.linalg.cholesky_ex(damped)
         if info == 0:
             if attempt:
                 log.warning("SparseGPT: the Hessian needed damping %.3g to be invertible", factor)
-            eye = torch.eye(n, dtype=lower.dtype, device=lower.device)
-            return torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
+            return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
     raise RuntimeError("Hessian is not positive definite even with heavy damping")
 
 
