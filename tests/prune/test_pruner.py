@@ -6,7 +6,7 @@ from optlab.core.stats import Hessian, InputNorms
 from optlab.errors import OptlabError
 from optlab.prune.masks import Pattern, check_nm, keep_mask, pruned_linears, sparsity_report
 from optlab.prune.pruner import PruneConfig, prune
-from optlab.prune.sparsegpt import sparsegpt_prune
+from optlab.prune.sparsegpt import inverse_hessian_factor, sparsegpt_prune
 
 ROWS, COLS, TOKENS = 16, 64, 512
 
@@ -35,6 +35,23 @@ def test_wanda_mask_is_weight_times_input_norm_per_row() -> None:
     direct = weight.abs() * (x.square().sum(0) / TOKENS).sqrt()  # |W_ij| * ||X_j|| / sqrt(N)
     for row, kept in zip(direct, keep, strict=True):
         assert set(row.argsort()[: COLS // 2].tolist()) == set((~kept).nonzero().flatten().tolist())
+
+
+def test_inverse_hessian_factor_is_the_upper_cholesky_factor_of_the_damped_inverse() -> None:
+    _, hessian = _stats(_layer()[1])
+    damped = hessian.matrix.double() + 0.01 * hessian.matrix.diagonal().mean() * torch.eye(COLS)
+    factor = inverse_hessian_factor(hessian.matrix, 0.01)
+    assert torch.equal(factor, factor.triu()) and (factor.diagonal() > 0).all()
+    torch.testing.assert_close(
+        factor.double().T @ factor.double(), damped.inverse(), rtol=1e-4, atol=1e-6
+    )
+
+
+def test_inverse_hessian_factor_damps_more_when_cholesky_fails(caplog) -> None:
+    singular = -torch.ones(COLS, COLS)  # negative definite: only heavy damping makes it PD
+    singular.diagonal().fill_(COLS / 2)
+    factor = inverse_hessian_factor(singular, 0.01)
+    assert torch.isfinite(factor).all() and "needed damping" in caplog.text
 
 
 def test_sparsegpt_at_zero_sparsity_leaves_the_weight_unchanged() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from scipy.linalg import lapack
 
 from optlab.prune.masks import Pattern
 
@@ -14,22 +15,35 @@ log = logging.getLogger("optlab")
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, in fp32.
+    """Upper triangular U with U^T U = (H + damp * mean(diag H) * I)^-1, in fp32.
 
-    If H is too ill-conditioned for Cholesky, damping grows tenfold (and a warning says so)
-    rather than failing the whole run.
+    With R the reversal of rows and columns, R H R = L L^T gives H^-1 = U^T U for
+    U = R L^-1 R: one Cholesky and one triangular inverse (2n^3/3 flops), half the work of
+    inverting H and factoring the inverse. If H is too ill-conditioned for Cholesky, damping
+    grows tenfold (and a warning says so) rather than failing the whole run.
     """
     mean = hessian.diagonal().mean()
     for attempt in range(4):
         factor = damp * 10**attempt
-        damped = hessian.clone()
-        damped.diagonal().add_(factor * mean)  # in place: no n x n identity is built
+        damped = hessian.flip(0, 1)  # a copy, damped in place: no n x n identity is built
+        damped.diagonal().add_(factor * mean)
         lower, info = torch.linalg.cholesky_ex(damped)
         if info == 0:
             if attempt:
                 log.warning("SparseGPT: the Hessian needed damping %.3g to be invertible", factor)
-            return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+            return _lower_inverse(lower).flip(0, 1)
     raise RuntimeError("Hessian is not positive definite even with heavy damping")
+
+
+def _lower_inverse(lower: torch.Tensor) -> torch.Tensor:
+    """Inverse of a lower triangular matrix; LAPACK's trtri on CPU (torch has no binding)."""
+    if lower.device.type == "cpu":
+        inverse, info = lapack.strtri(lower.numpy(), lower=1, overwrite_c=1)
+        if info != 0:
+            raise RuntimeError(f"triangular inverse failed (LAPACK info {info})")
+        return torch.from_numpy(inverse)
+    eye = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
+    return torch.linalg.solve_triangular(lower, eye, upper=False)
 
 
 def sparsegpt_prune(
