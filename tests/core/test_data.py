@@ -235,3 +235,22 @@ def test_token_windows(tok) -> None:
     assert data.token_windows(tok, text, 1000).shape == (1, 1000)
     with pytest.raises(OptlabError, match="1000 tokens; one window needs 1001"):
         data.token_windows(tok, text, 1001)
+
+
+def test_long_texts_are_tokenized_once_into_the_disk_cache(tok, wiki, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPTLAB_CACHE", str(tmp_path))
+    text = wiki[: data.TOKEN_CACHE_MIN_CHARS]
+    first = data.token_windows(tok, text, 64)
+    assert first.flatten().tolist() == _ids(tok, text)[: first.numel()]
+    assert len(list((tmp_path / "tokens").iterdir())) == 1
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("the cached ids should have been used")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(type(tok), "__call__", no_tokenizing)
+        assert torch.equal(data.token_windows(tok, text, 64), first)
+    other = byte_tokenizer()
+    other.add_tokens(["zzz"])  # another vocabulary: another cache entry
+    data.token_windows(other, text, 64)
+    assert len(list((tmp_path / "tokens").iterdir())) == 2

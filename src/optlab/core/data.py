@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bz2
 import functools
+import hashlib
 import importlib.util
 import json
 import os
@@ -20,10 +21,12 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+import safetensors.torch
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from optlab.core.models import cache_dir
+from optlab.core.run import atomic_write
 from optlab.errors import OptlabError, did_you_mean
 
 CORPORA = ("wiki", "wiki:calib", "wiki:eval", "book", "code")
@@ -31,6 +34,7 @@ WORD_PAIRS = {"wordsim353": "wordsim353.tsv", "simlex999": "simlex999.txt"}
 WIKI_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 CALIB_FRACTION = 0.8
 CODE_CHARS = 2_000_000
+TOKEN_CACHE_MIN_CHARS = 100_000  # shorter texts tokenize faster than a cache look-up pays off
 # Trailing sections that are citation lists, not prose.
 _SKIP_SECTIONS = {"references", "external links", "see also", "further reading", "notes",
                   "bibliography", "sources", "footnotes", "citations"}  # fmt: skip
@@ -275,9 +279,25 @@ def country_records() -> list[dict[str, Any]]:
 
 
 def _token_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor:
+    """The text's token ids; long texts are cached on disk, keyed on text and tokenizer."""
+    cached = None
+    if len(text) >= TOKEN_CACHE_MIN_CHARS:
+        key = hashlib.sha256(text.encode() + _tokenizer_fingerprint(tokenizer)).hexdigest()
+        cached = cache_dir() / "tokens" / f"{key[:32]}.safetensors"
+        if cached.exists():
+            return safetensors.torch.load_file(cached)["ids"].long()
     # verbose=False: long texts are meant to exceed model_max_length; we cut them ourselves.
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
+    ids = torch.tensor(ids, dtype=torch.long)
+    if cached is not None:
+        atomic_write(cached, safetensors.torch.save({"ids": ids.int()}))  # half the bytes
+    return ids
+
+
+def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> bytes:
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # fast tokenizers: the full spec
+    spec = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return spec.encode()
 
 
 def sample_windows(
