@@ -113,10 +113,11 @@ def test_every_family_is_pruned_exactly(tiny, method, pattern) -> None:
         assert torch.isfinite(tiny.model(torch.tensor([[1, 2, 3, 4]])).logits).all()
 
 
-def test_layer_group_and_report() -> None:
+@pytest.mark.parametrize("family", ["opt", "gpt2"])  # gpt2: Conv1D, a transposed view
+def test_layer_group_and_report(family) -> None:
     from optlab.core.models import load_model
 
-    lm = load_model("tiny:opt")
+    lm = load_model(f"tiny:{family}")
     prune(lm, PruneConfig(method="magnitude", sparsity=0.3, group="layer"), progress=False)
     report = sparsity_report(lm.model)
     for name, module in pruned_linears(lm.model).items():

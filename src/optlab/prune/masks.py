@@ -53,7 +53,8 @@ def keep_mask(scores: torch.Tensor, pattern: Pattern, group: str = "row") -> tor
     N:M: in every M consecutive input columns of each row, the N lowest are pruned.
     """
     rows, cols = scores.shape
-    keep = torch.ones_like(scores, dtype=torch.bool)
+    # Contiguous whatever the scores' strides (GPT-2's (out, in) view is a transpose).
+    keep = torch.ones(rows, cols, dtype=torch.bool, device=scores.device)
     if pattern.structured:
         if cols % pattern.m:
             raise OptlabError(f"{cols} input columns do not split into groups of {pattern.m}")
