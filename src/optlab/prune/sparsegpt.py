@@ -27,7 +27,7 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
         lower, info = torch.linalg.cholesky_ex(damped)
         if info == 0:
             if attempt:
-                log.warning("SparseGPT: the Hessian needed damping %.3g to be invertible", factor)
+                log.warning("the Hessian needed damping %.3g to be invertible", factor)
             return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
     raise RuntimeError("Hessian is not positive definite even with heavy damping")
 
