@@ -202,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quantize.add_argument("--rest-dtype", default="float16", choices=["float16", "bfloat16",
                           "model"], help="storage of unquantized tensors (float16)")  # fmt: skip
+    quantize.add_argument(
+        "--embed-bits",
+        type=int,
+        help="also pack embeddings + LM head at 8/4/3/2 bits (default fp16)",
+    )
     quantize.add_argument("--eval-seq-len", type=_positive, help="default: --seq-len")
     _perplexity_options(quantize)
     _output_options(quantize, required=True)
@@ -284,7 +289,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
         granularity="linear" if args.per_linear else "layer", group_size=args.group_size,
         gptq=args.gptq, calib=args.calib, n_calib=args.n_calib, seq_len=args.seq_len,
         batch_size=args.batch_size, damp=args.damp, prune_fraction=args.prune_fraction,
-        cca_dims=args.cca_dims, rest_dtype=args.rest_dtype, seed=args.seed,
+        cca_dims=args.cca_dims, rest_dtype=args.rest_dtype, embed_bits=args.embed_bits,
+        seed=args.seed,
     )  # fmt: skip
     config.validate()
     _refuse_existing(args.out, args.force)

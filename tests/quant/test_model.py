@@ -6,7 +6,9 @@ from optlab.core.anatomy import weight_matrix
 from optlab.core.models import load_model
 from optlab.prune.masks import pruned_linears
 from optlab.quant.apply import quantize_gptq_model, quantize_rtn_model, round_rest
+from optlab.quant.embedding import QuantEmbedding, quantize_embeddings
 from optlab.quant.linear import QuantLinear
+from optlab.quant.quantizer import quantize_rtn
 from optlab.quant.storage import MANIFEST, WEIGHTS, save_quantized
 from tests.conftest import random_ids
 
@@ -52,3 +54,26 @@ def test_save_and_reload_give_identical_logits(tiny, tmp_path) -> None:
     packed = {n for n, m in reloaded.model.named_modules() if isinstance(m, QuantLinear)}
     assert packed == {n for n, b in bitmap.items() if b < 16}
     assert (tmp_path / "model" / WEIGHTS).stat().st_size < fp16_bytes
+
+
+def test_packed_embeddings_and_head_reload_identically(tiny, tmp_path) -> None:
+    ids = random_ids(2, 24)
+    embed = tiny.model.get_input_embeddings()
+    table = embed.weight.detach().clone()
+    scale = getattr(embed, "embed_scale", 1.0)
+    bitmap = dict.fromkeys(pruned_linears(tiny.model), 4)
+    quantize_rtn_model(tiny.model, bitmap, 32)
+    info = quantize_embeddings(tiny.model, 3, 32)
+    round_rest(tiny.model)
+    new = tiny.model.get_input_embeddings()
+    assert isinstance(new, QuantEmbedding)
+    rows = new(torch.arange(table.shape[0])) / scale  # Gemma scales its embeddings
+    assert not torch.equal(rows, table)
+    assert torch.allclose(rows, quantize_rtn(table, 3, 32).dequantize(), atol=1e-5)
+    head = tiny.model.get_output_embeddings()
+    assert isinstance(head, QuantLinear)
+    assert (head.packed.data_ptr() == new.packed.data_ptr()) == info["tied"]
+    expected = tiny.model(ids).logits
+    save_quantized(tiny, tmp_path / "model", bitmap, 32, embeddings=info)
+    reloaded = load_model(str(tmp_path / "model"))
+    assert torch.equal(reloaded.model(ids).logits, expected)

@@ -17,6 +17,7 @@ from torch import nn
 from optlab.core.anatomy import Anatomy, weight_matrix
 from optlab.core.layerwise import BlockContext, run_layerwise
 from optlab.core.stats import Hessian, record_inputs
+from optlab.quant.embedding import QuantEmbedding
 from optlab.quant.gptq import gptq_quantize
 from optlab.quant.linear import QuantLinear
 from optlab.quant.quantizer import QuantizedWeight, quantize_rtn
@@ -88,7 +89,7 @@ def round_rest(model: nn.Module, dtype: torch.dtype | None = torch.float16) -> N
         return
     for module in model.modules():
         tensors = list(module._parameters.values())
-        if not isinstance(module, QuantLinear):  # saved buffers only: RoPE tables are rebuilt
+        if not isinstance(module, QuantLinear | QuantEmbedding):  # RoPE tables are rebuilt
             skip = module._non_persistent_buffers_set
             tensors += [b for key, b in module._buffers.items() if key not in skip]
         for tensor in tensors:

@@ -35,8 +35,9 @@ from optlab.quant.allocate import (
     parse_widths,
 )
 from optlab.quant.apply import quantize_gptq_model, quantize_rtn_model, round_rest
+from optlab.quant.embedding import quantize_embeddings
 from optlab.quant.linear import QuantLinear, quantized_bytes
-from optlab.quant.quantizer import resolve_group_size
+from optlab.quant.quantizer import check_bits, resolve_group_size
 from optlab.quant.sensitivity import GRANULARITIES, METHODS, sensitivities, sensitivity_units
 from optlab.quant.storage import WEIGHTS, quantized_state, save_quantized
 
@@ -73,6 +74,7 @@ class QuantConfig:
     prune_fraction: float = 0.3
     cca_dims: int = 8
     rest_dtype: str = "float16"
+    embed_bits: int | None = None  # also pack the embeddings and LM head (an extension)
     seed: int = 0
 
     def validate(self) -> None:
@@ -90,6 +92,8 @@ class QuantConfig:
             raise did_you_mean("granularity", self.granularity, GRANULARITIES)
         if self.sensitivity == "cmpq" and self.granularity != "layer" and self.uniform is None:
             raise OptlabError("cmpq scores decoder layers only: drop --per-linear")
+        if self.embed_bits is not None:
+            check_bits(self.embed_bits)
         if self.rest_dtype not in REST_DTYPES:
             raise did_you_mean("rest dtype", self.rest_dtype, REST_DTYPES)
         if self.group_size < 0 or self.n_calib < 1 or self.batch_size < 1:
@@ -133,9 +137,18 @@ def allocate(
         return sum(quantized_bytes(o, i, bits, resolve_group_size(config.group_size, i))
                    for o, i in (shapes[n] for n in units[unit]))  # fmt: skip
 
-    targeted = {n for names in units.values() for n in names}
-    rest = rest_bytes(model, targeted, REST_DTYPES[config.rest_dtype])
+    targeted = {f"{n}.weight" for names in units.values() for n in names}
     tensors = len(model.state_dict()) + 2 * len(targeted)  # packed, scales, zeros per linear
+    packed_tables = 0
+    if config.embed_bits is not None:
+        tables = {m.weight.data_ptr(): m.weight for m in _embedding_modules(model)}
+        targeted |= {k for k, v in model.state_dict().items() if v.data_ptr() in tables}
+        tensors += 2 * len(tables)
+        for table in tables.values():
+            num, dim = table.shape
+            size = resolve_group_size(config.group_size, dim)
+            packed_tables += quantized_bytes(num, dim, config.embed_bits, size)
+    rest = rest_bytes(model, targeted, REST_DTYPES[config.rest_dtype]) + packed_tables
     budget = config.max_size_mb * 1e6 - rest - 8 - HEADER_BYTES_PER_TENSOR * tensors
     if budget <= 0:
         raise OptlabError(f"--max-size {config.max_size_mb} MB is below the unquantized part of "
@@ -143,9 +156,13 @@ def allocate(
     return allocate_budget(scores, cost, widths, budget)
 
 
-def rest_bytes(model: nn.Module, targeted: set[str], dtype: torch.dtype | None) -> int:
-    """Bytes of every saved tensor except the weights of ``targeted`` linears."""
-    skip = {f"{name}.weight" for name in targeted}
+def _embedding_modules(model: nn.Module) -> list[nn.Module]:
+    head = model.get_output_embeddings()
+    return [model.get_input_embeddings(), *([head] if head is not None else [])]
+
+
+def rest_bytes(model: nn.Module, skip: set[str], dtype: torch.dtype | None) -> int:
+    """Bytes of every saved tensor (shared ones once) except the state keys in ``skip``."""
     total, seen = 0, set()
     for key, tensor in model.state_dict().items():
         if key in skip or tensor.data_ptr() in seen:
@@ -183,6 +200,9 @@ def quantize(lm: LoadedModel, config: QuantConfig, *, progress: bool = True) -> 
                             block_size=config.block_size, progress=progress)  # fmt: skip
     else:
         quantize_rtn_model(model, linear_bits, config.group_size)
+    embeddings = None
+    if config.embed_bits is not None:
+        embeddings = quantize_embeddings(model, config.embed_bits, config.group_size)
     round_rest(model, REST_DTYPES[config.rest_dtype])
     weights = sum(counts.values())
     stored = sum(
@@ -201,14 +221,10 @@ def quantize(lm: LoadedModel, config: QuantConfig, *, progress: bool = True) -> 
         # scales and zero points included: what the targeted weights really cost per weight
         "effective_bits": 8 * stored / weights,
         "kernels": kernels,
+        "embeddings": embeddings,
         "sensitivity_seconds": sensitivity_seconds,
         "quantize_seconds": time.perf_counter() - start - sensitivity_seconds,
     }
-
-
-def fp16_bytes(model: nn.Module) -> int:
-    """The same model's parameters in fp16 (shared tensors once): the compression baseline."""
-    return 2 * sum(p.numel() for p in model.parameters())
 
 
 def plot_sensitivity(path: Path, scores: dict[str, float] | None, bits: dict[str, int]) -> None:
@@ -253,14 +269,15 @@ def quantize_to_run(
              dtype=str(next(lm.model.parameters()).dtype), force=force) as run:  # fmt: skip
         seed_everything(config.seed)
         seq_len = eval_seq_len or config.seq_len
-        metrics: dict[str, Any] = {"fp16_bytes": fp16_bytes(lm.model)}
+        parameters = sum(p.numel() for p in lm.model.parameters())
+        metrics: dict[str, Any] = {"fp16_bytes": 2 * parameters}
         if evaluate:
             metrics["perplexity_before"] = wiki_perplexity(lm, seq_len, eval_limit, progress)
         result = quantize(lm, config, progress=progress)
         if evaluate:
             metrics["perplexity_after"] = wiki_perplexity(lm, seq_len, eval_limit, progress)
         save_quantized(lm, run.dir / "model", result["linear_bits"], config.group_size,
-                       REST_DTYPES[config.rest_dtype])  # fmt: skip
+                       REST_DTYPES[config.rest_dtype], result["embeddings"])  # fmt: skip
         file_bytes = (run.dir / "model" / WEIGHTS).stat().st_size
         run.save_json("sensitivity.json", {"method": config.sensitivity,
                                            "granularity": config.granularity,
@@ -275,6 +292,8 @@ def quantize_to_run(
             "file_bytes": file_bytes,
             "file_mb": file_bytes / 1e6,
             "compression_vs_fp16": metrics["fp16_bytes"] / file_bytes,
+            "file_bits_per_parameter": 8 * file_bytes / parameters,
+            "embeddings": result["embeddings"],
             "kernels": result["kernels"],
             "sensitivity_seconds": result["sensitivity_seconds"],
             "quantize_seconds": result["quantize_seconds"],

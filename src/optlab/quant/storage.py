@@ -26,6 +26,7 @@ from optlab.core.anatomy import weight_matrix
 from optlab.core.run import atomic_write
 from optlab.errors import OptlabError
 from optlab.quant.apply import replace_module
+from optlab.quant.embedding import QuantEmbedding, empty_embeddings
 from optlab.quant.linear import QuantLinear
 
 MANIFEST = "quantization.json"
@@ -41,7 +42,7 @@ def quantized_state(
     packed = {
         f"{name}.{key}"
         for name, module in model.named_modules()
-        if isinstance(module, QuantLinear)
+        if isinstance(module, QuantLinear | QuantEmbedding)
         for key in ("packed", "scales", "zeros")
     }
     tensors: dict[str, torch.Tensor] = {}
@@ -65,8 +66,10 @@ def save_quantized(
     bitmap: dict[str, int],
     group_size: int | None,
     rest_dtype: torch.dtype | None = torch.float16,
+    embeddings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write the quantized ``lm`` (a LoadedModel) to ``folder``; return the manifest."""
+    """Write the quantized ``lm`` (a LoadedModel) to ``folder``; return the manifest.
+    ``embeddings`` is what :func:`quantize_embeddings` returned, if it ran."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model = lm.model
@@ -92,6 +95,7 @@ def save_quantized(
         "group_size": group_size,
         "rest_dtype": str(rest_dtype).removeprefix("torch.") if rest_dtype else None,
         "layers": layers,
+        "embeddings": embeddings,
         "aliases": aliases,
     }
     atomic_write(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
@@ -118,6 +122,8 @@ def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32) -> tu
             replace_module(model, name, QuantLinear(
                 layer["in_features"], layer["out_features"], layer["bits"],
                 layer["group_size"], layer["bias"], dtype))  # fmt: skip
+    if manifest.get("embeddings"):
+        empty_embeddings(model, manifest["embeddings"])
     tensors = load_file(folder / WEIGHTS)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = set(missing) - set(manifest["aliases"])
