@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(UNIFORM + ALLOCATED))
     parser.add_argument("--widths", default="8,4,3", help="candidates of the allocations")
     parser.add_argument("--group-size", default="128")
+    parser.add_argument("--embed-bits", help="also pack embeddings + LM head (default fp16)")
     parser.add_argument("--n-calib", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-limit", type=int, default=40)
@@ -83,11 +84,13 @@ def main() -> None:
     args = parser.parse_args()
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     common = ["--n-calib", str(args.n_calib), "--seq-len", str(args.seq_len),
-              "--eval-limit", str(args.eval_limit), "--group-size", args.group_size]  # fmt: skip
+              "--eval-limit", str(args.eval_limit), "--group-size", args.group_size,
+              *(["--embed-bits", args.embed_bits] if args.embed_bits else [])]  # fmt: skip
     print(
         f"model {args.model}; calibration {args.n_calib} x {args.seq_len} tokens of wiki:calib; "
         f"perplexity: first {args.eval_limit} windows of {args.seq_len} tokens of wiki:eval; "
-        f"group size {args.group_size}; allocation widths {args.widths}; speed: prefill "
+        f"group size {args.group_size}; allocation widths {args.widths}; embeddings "
+        f"{args.embed_bits or 16} bits; speed: prefill "
         f"{args.prompt} tokens, greedy decoding of {args.new_tokens} tokens, batch 1\n"
     )
     row("config", "avg bits", "bits incl. scales", "perplexity", "vs fp32", "file MB",
