@@ -39,7 +39,7 @@ from optlab.quant.embedding import quantize_embeddings
 from optlab.quant.linear import QuantLinear, quantized_bytes
 from optlab.quant.quantizer import check_bits, resolve_group_size
 from optlab.quant.sensitivity import GRANULARITIES, METHODS, sensitivities, sensitivity_units
-from optlab.quant.storage import WEIGHTS, quantized_state, save_quantized
+from optlab.quant.storage import WEIGHTS, save_quantized
 
 log = logging.getLogger("optlab")
 
@@ -180,9 +180,11 @@ def quantize(lm: LoadedModel, config: QuantConfig, *, progress: bool = True) -> 
     start = time.perf_counter()
     units = sensitivity_units(model, config.granularity)
     seq_len = config.seq_len or context_length(model)
-    windows = batched(
-        sample_windows(lm.tokenizer, load_text(config.calib), config.n_calib, seq_len,
-                       config.seed), config.batch_size)  # fmt: skip
+    windows: list[torch.Tensor] = []
+    if config.uniform is None or config.gptq:  # plain uniform RTN needs no calibration
+        windows = batched(
+            sample_windows(lm.tokenizer, load_text(config.calib), config.n_calib, seq_len,
+                           config.seed), config.batch_size)  # fmt: skip
     scores = None
     if config.uniform is None:
         log.info("scoring %d units with %s", len(units), config.sensitivity)
@@ -307,4 +309,4 @@ def quantize_to_run(
     return {**metrics, "run": str(run.path)}
 
 
-__all__ = ["QuantConfig", "allocate", "quantize", "quantize_to_run", "quantized_state"]
+__all__ = ["QuantConfig", "allocate", "quantize", "quantize_to_run"]

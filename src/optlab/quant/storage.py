@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -28,6 +28,9 @@ from optlab.errors import OptlabError
 from optlab.quant.apply import replace_module
 from optlab.quant.embedding import QuantEmbedding, empty_embeddings
 from optlab.quant.linear import QuantLinear
+
+if TYPE_CHECKING:
+    from optlab.core.models import LoadedModel
 
 MANIFEST = "quantization.json"
 FORMAT = "optlab-quant"
@@ -61,14 +64,14 @@ def quantized_state(
 
 
 def save_quantized(
-    lm: Any,
+    lm: LoadedModel,
     folder: str | Path,
     bitmap: dict[str, int],
     group_size: int | None,
     rest_dtype: torch.dtype | None = torch.float16,
     embeddings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write the quantized ``lm`` (a LoadedModel) to ``folder``; return the manifest.
+    """Write the quantized ``lm`` to ``folder``; return the manifest.
     ``embeddings`` is what :func:`quantize_embeddings` returned, if it ran."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
