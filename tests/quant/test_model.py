@@ -20,11 +20,8 @@ def _bitmap(model) -> dict[str, int]:
     return {name: WIDTHS[i % len(WIDTHS)] for i, name in enumerate(pruned_linears(model))}
 
 
-def test_every_targeted_linear_is_replaced_changed_and_on_its_grid(tiny) -> None:
-    original = {n: weight_matrix(m).clone() for n, m in pruned_linears(tiny.model).items()}
-    bitmap = _bitmap(tiny.model)
-    quantize_rtn_model(tiny.model, bitmap, group_size=32)
-    modules = dict(tiny.model.named_modules())
+def _check_replaced_and_on_grid(model, bitmap, original) -> None:
+    modules = dict(model.named_modules())
     for name, bits in bitmap.items():
         module = modules[name]  # reached through the real module tree, not a root attribute
         if bits == 16:
@@ -40,12 +37,14 @@ def test_every_targeted_linear_is_replaced_changed_and_on_its_grid(tiny) -> None
             assert (distinct <= 2**bits).all()
 
 
-def test_save_and_reload_give_identical_logits(tiny, tmp_path) -> None:
-    ids = random_ids(2, 24)
-    bitmap = _bitmap(tiny.model)
+def test_gptq_model_is_really_quantized_and_reloads_identically(tiny, tmp_path) -> None:
+    original = {n: weight_matrix(m).clone() for n, m in pruned_linears(tiny.model).items()}
     fp16_bytes = 2 * sum(p.numel() for p in tiny.model.parameters())
+    bitmap = _bitmap(tiny.model)
     quantize_gptq_model(tiny.model, bitmap, [random_ids(4, 24, seed=1)], 32, progress=False)
     round_rest(tiny.model)
+    _check_replaced_and_on_grid(tiny.model, bitmap, original)
+    ids = random_ids(2, 24)
     expected = tiny.model(ids).logits
     save_quantized(tiny, tmp_path / "model", bitmap, 32)
     assert (tmp_path / "model" / MANIFEST).exists()
@@ -57,12 +56,13 @@ def test_save_and_reload_give_identical_logits(tiny, tmp_path) -> None:
 
 
 def test_packed_embeddings_and_head_reload_identically(tiny, tmp_path) -> None:
-    ids = random_ids(2, 24)
+    original = {n: weight_matrix(m).clone() for n, m in pruned_linears(tiny.model).items()}
     embed = tiny.model.get_input_embeddings()
     table = embed.weight.detach().clone()
     scale = getattr(embed, "embed_scale", 1.0)
-    bitmap = dict.fromkeys(pruned_linears(tiny.model), 4)
+    bitmap = dict.fromkeys(original, 4)
     quantize_rtn_model(tiny.model, bitmap, 32)
+    _check_replaced_and_on_grid(tiny.model, bitmap, original)
     info = quantize_embeddings(tiny.model, 3, 32)
     round_rest(tiny.model)
     new = tiny.model.get_input_embeddings()
@@ -73,6 +73,7 @@ def test_packed_embeddings_and_head_reload_identically(tiny, tmp_path) -> None:
     head = tiny.model.get_output_embeddings()
     assert isinstance(head, QuantLinear)
     assert (head.packed.data_ptr() == new.packed.data_ptr()) == info["tied"]
+    ids = random_ids(2, 24)
     expected = tiny.model(ids).logits
     save_quantized(tiny, tmp_path / "model", bitmap, 32, embeddings=info)
     reloaded = load_model(str(tmp_path / "model"))
