@@ -89,3 +89,17 @@ def test_cli_quantize_tiers_json_and_errors(tmp_path, calib, capsys) -> None:
     assert main(bad) == 2
     assert "budget impossible" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_default_model_at_4_bits_is_3_5x_smaller_than_fp16_and_reloads(tmp_path) -> None:
+    """The issue's size goal in real bytes: 4-bit block linears and embeddings, no eval."""
+    lm = load_model("default")
+    config = QuantConfig(uniform=4, embed_bits=4, group_size=64)
+    metrics = quantize_to_run(lm, config, tmp_path / "run", evaluate=False, progress=False)
+    assert metrics["avg_bits"] == 4
+    assert metrics["compression_vs_fp16"] >= 3.5
+    assert metrics["kernels"] == {"int4pack": 211}  # 210 block linears + the tied head
+    ids = lm.tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    reloaded = load_model(str(tmp_path / "run"))
+    assert torch.equal(reloaded.model(ids).logits, lm.model(ids).logits)
