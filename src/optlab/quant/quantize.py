@@ -188,8 +188,9 @@ def quantize(lm: LoadedModel, config: QuantConfig, *, progress: bool = True) -> 
     scores = None
     if config.uniform is None:
         log.info("scoring %d units with %s", len(units), config.sensitivity)
+        lowest = min(parse_widths(config.tiers or config.widths))  # tdmpq's error width
         scores = sensitivities(
-            model, config.sensitivity, windows, units, bits=min(parse_widths(config.widths)),
+            model, config.sensitivity, windows, units, bits=lowest,
             group_size=config.group_size, prune_fraction=config.prune_fraction,
             cca_dims=config.cca_dims,
         )  # fmt: skip
