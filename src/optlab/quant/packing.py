@@ -32,6 +32,12 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     *lead, count = codes.shape
     pad = -count % 8
     codes = torch.nn.functional.pad(codes, (0, pad)) if pad else codes
+    if bits in (2, 4):  # byte-aligned: same layout, built in uint8 (much faster)
+        per_byte = codes.reshape(*lead, -1, 8 // bits)
+        packed = per_byte[..., 0].clone()
+        for i in range(1, 8 // bits):
+            packed |= per_byte[..., i] << (bits * i)
+        return packed
     # Eight codes -> one 8*b-bit word (at most 32 bits for b <= 4) -> b bytes, little-endian.
     octets = codes.reshape(*lead, -1, 8).to(torch.int64)
     shifts = torch.arange(8, device=codes.device) * bits
