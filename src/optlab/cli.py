@@ -155,6 +155,63 @@ def build_parser() -> argparse.ArgumentParser:
     _output_options(retrain, required=True)
     retrain.set_defaults(handler=cmd_retrain)
 
+    quantize = command(
+        "quantize", "mixed-precision weight-only quantization (CPTQuant) with packed weights",
+        "Score each decoder layer's sensitivity on calibration text, give sensitive layers more\n"
+        "bits under a budget, quantize every block linear (RTN or GPTQ) into packed weights\n"
+        "(int8, two 4-bit per byte, dense 3/2-bit) with fp16 scales and uint8 zero points, and\n"
+        "write a run: model/ (reload with `optlab eval RUN`), sensitivity.json, bits.json,\n"
+        "sensitivity.png, metrics.json (perplexity before/after, size vs FP16).\n"
+        "  cmpq    1 - mean canonical correlation of a layer's pooled states with the others\n"
+        "  pmpq    perplexity increase when 30% of that layer's smallest weights are zeroed\n"
+        "  tdmpq   Taylor: |g.d| + 1/2 mean_b (g_b.d)^2, d = the layer's quantization error\n"
+        "Allocation (exactly one): --avg-bits B | --max-size MB | --tiers 16,8,4 | --uniform B\n"
+        "example: optlab quantize default --sensitivity tdmpq --avg-bits 4.5 --out runs/q45",
+    )  # fmt: skip
+    quantize.add_argument("model", metavar="MODEL")
+    quantize.add_argument("--sensitivity", default="tdmpq", help="cmpq, pmpq or tdmpq (tdmpq)")
+    budget = quantize.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--avg-bits", type=float, help="average bits per targeted weight")
+    budget.add_argument("--max-size", type=float, help="model.safetensors at most MB (10^6 B)")
+    budget.add_argument("--tiers", help="k-means tiers, e.g. 16,8,4 (the paper's rule)")
+    budget.add_argument("--uniform", type=int, help="every layer at B bits (baseline)")
+    quantize.add_argument(
+        "--widths",
+        default="16,8,4",
+        help="candidate widths for --avg-bits/--max-size (16,8,4; add 3,2)",
+    )
+    quantize.add_argument("--per-linear", action="store_true", help="one width per linear")
+    quantize.add_argument(
+        "--group-size",
+        type=int,
+        default=128,
+        help="columns per scale (128); 0 = per output channel",
+    )
+    quantize.add_argument("--gptq", action="store_true", help="GPTQ error compensation")
+    quantize.add_argument("--calib", default="wiki:calib", help="calibration corpus or .txt")
+    quantize.add_argument("--n-calib", type=_positive, default=32, help="windows (default 32)")
+    quantize.add_argument("--seq-len", type=_positive, default=512, help="window tokens (512)")
+    quantize.add_argument("--batch-size", type=_positive, default=8, help="default 8")
+    quantize.add_argument("--damp", type=float, default=0.01, help="GPTQ damping (0.01)")
+    quantize.add_argument("--prune-fraction", type=float, default=0.3, help="pmpq (0.3)")
+    quantize.add_argument(
+        "--cca-dims",
+        type=int,
+        default=8,
+        help="cmpq: principal components per layer (8); 0 = raw states",
+    )
+    quantize.add_argument("--rest-dtype", default="float16", choices=["float16", "bfloat16",
+                          "model"], help="storage of unquantized tensors (float16)")  # fmt: skip
+    quantize.add_argument(
+        "--embed-bits",
+        type=int,
+        help="also pack embeddings + LM head at 8/4/3/2 bits (default fp16)",
+    )
+    quantize.add_argument("--eval-seq-len", type=_positive, help="default: --seq-len")
+    _perplexity_options(quantize)
+    _output_options(quantize, required=True)
+    quantize.set_defaults(handler=cmd_quantize)
+
     demo = command(
         "demo", "the quickstart recipe on the default model",
         "Load the default model (preparing it once), evaluate it, prune it 50% with Wanda,\n"
@@ -218,6 +275,28 @@ def cmd_retrain(args: argparse.Namespace) -> dict[str, Any]:
     _refuse_existing(args.out, args.force)
     return retrain_to_run(
         args.run, config, args.out, force=args.force, dtype=args.dtype, device=args.device,
+        eval_limit=args.eval_limit, evaluate=not args.no_eval,
+    )  # fmt: skip
+
+
+def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
+    from optlab.api import load_model
+    from optlab.quant.quantize import QuantConfig, quantize_to_run
+
+    config = QuantConfig(
+        sensitivity=args.sensitivity, avg_bits=args.avg_bits, max_size_mb=args.max_size,
+        tiers=args.tiers, uniform=args.uniform, widths=args.widths,
+        granularity="linear" if args.per_linear else "layer", group_size=args.group_size,
+        gptq=args.gptq, calib=args.calib, n_calib=args.n_calib, seq_len=args.seq_len,
+        batch_size=args.batch_size, damp=args.damp, prune_fraction=args.prune_fraction,
+        cca_dims=args.cca_dims, rest_dtype=args.rest_dtype, embed_bits=args.embed_bits,
+        seed=args.seed,
+    )  # fmt: skip
+    config.validate()
+    _refuse_existing(args.out, args.force)
+    lm = load_model(args.model, dtype=args.dtype, device=args.device, seed=args.seed)
+    return quantize_to_run(
+        lm, config, args.out, force=args.force, eval_seq_len=args.eval_seq_len,
         eval_limit=args.eval_limit, evaluate=not args.no_eval,
     )  # fmt: skip
 

@@ -163,7 +163,12 @@ def load_model(
         model, tokenizer = _random(spec.removeprefix("tiny:"), TINY_SHAPES, seed, torch_dtype)
     else:
         source = _local_or_hub(spec)
-        model, tokenizer = _from_folder(source, torch_dtype, offline=not Path(source).is_dir())
+        if (Path(source) / "quantization.json").is_file():  # packed weights: optlab.quant
+            from optlab.quant.storage import load_quantized
+
+            model, tokenizer = load_quantized(source, torch_dtype)
+        else:
+            model, tokenizer = _from_folder(source, torch_dtype, offline=not Path(source).is_dir())
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(torch_device).eval()

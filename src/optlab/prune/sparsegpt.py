@@ -30,7 +30,7 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
         lower, info = torch.linalg.cholesky_ex(damped)
         if info == 0:
             if attempt:
-                log.warning("SparseGPT: the Hessian needed damping %.3g to be invertible", factor)
+                log.warning("the Hessian needed damping %.3g to be invertible", factor)
             return _lower_inverse(lower).flip(0, 1)
     raise RuntimeError("Hessian is not positive definite even with heavy damping")
 

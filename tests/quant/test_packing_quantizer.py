@@ -1,0 +1,130 @@
+"""Packing, RTN, GPTQ and QuantLinear against direct reference computations."""
+
+import itertools
+
+import pytest
+import torch
+
+from optlab.core.stats import Hessian
+from optlab.errors import OptlabError
+from optlab.quant.gptq import gptq_quantize
+from optlab.quant.linear import QuantLinear, quantized_bytes
+from optlab.quant.packing import pack, packed_row_bytes, unpack
+from optlab.quant.quantizer import quantize_rtn
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("count", [1, 7, 8, 13, 64])
+def test_pack_unpack_is_bit_exact_and_dense(bits: int, count: int) -> None:
+    g = torch.Generator().manual_seed(bits * 100 + count)
+    codes = torch.randint(0, 2**bits, (5, count), generator=g, dtype=torch.uint8)
+    codes[0] = 2**bits - 1  # the extreme codes survive too
+    codes[1] = 0
+    packed = pack(codes, bits)
+    assert packed.dtype == torch.uint8
+    dense = count if bits == 8 else -(-count // 8) * bits  # count * bits / 8, rounded up per 8
+    assert packed.shape == (5, packed_row_bytes(count, bits)) == (5, dense)
+    assert torch.equal(unpack(packed, bits, count), codes)
+
+
+def test_four_bit_layout_is_two_codes_per_byte_low_nibble_first() -> None:
+    codes = torch.tensor([[1, 2, 15, 0, 3, 4, 5, 6]], dtype=torch.uint8)
+    assert pack(codes, 4).tolist() == [[1 | 2 << 4, 15, 3 | 4 << 4, 5 | 6 << 4]]
+    three = pack(torch.tensor([[7, 0, 0, 0, 0, 0, 0, 7]], dtype=torch.uint8), 3)
+    assert three.tolist() == [[7, 0, 7 << 5]]  # 24 bits: codes at bit 0 and bit 21
+
+
+def _reference_rtn(weight: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """Element by element, in Python floats: the documented min-max grid, fp16 scales."""
+    out = torch.empty_like(weight)
+    maxq = 2**bits - 1
+    for r in range(weight.shape[0]):
+        for start in range(0, weight.shape[1], group):
+            values = weight[r, start : start + group].tolist()
+            low, high = min(min(values), 0.0), max(max(values), 0.0)
+            if low == high:
+                low, high = -1.0, 1.0
+            scale = float(torch.tensor((high - low) / maxq).half())
+            zero = min(max(round(-low / scale), 0), maxq)
+            for c, w in enumerate(values):
+                q = min(max(round(w / scale) + zero, 0), maxq)
+                out[r, start + c] = (q - zero) * scale
+    return out
+
+
+@pytest.mark.parametrize(("bits", "group"), [(2, 4), (3, 5), (4, 16), (8, 6)])
+def test_rtn_matches_the_reference_and_uses_at_most_2_to_the_b_values(bits, group) -> None:
+    weight = torch.randn(6, 16, generator=torch.Generator().manual_seed(bits))
+    weight[0, :group] = 0  # an all-zero group stays exactly zero
+    qw = quantize_rtn(weight, bits, group)
+    w_hat = qw.dequantize()
+    assert torch.allclose(w_hat, _reference_rtn(weight, bits, group), atol=1e-6)
+    assert torch.equal(w_hat[0, :group], torch.zeros(group))
+    for r, start in itertools.product(range(6), range(0, 16, group)):
+        assert w_hat[r, start : start + group].unique().numel() <= 2**bits
+    assert qw.scales.shape == (6, -(-16 // group))
+    assert torch.equal(qw.scales, qw.scales.half().float())  # stored as fp16, exactly
+
+
+def test_rtn_per_channel_and_bad_widths() -> None:
+    weight = torch.randn(4, 40)
+    qw = quantize_rtn(weight, 4, None)
+    assert qw.group_size == 40 and qw.scales.shape == (4, 1)
+    assert ((qw.dequantize() - weight).abs() <= qw.scales / 2 + 1e-6).all()
+    with pytest.raises(OptlabError, match="widths"):
+        quantize_rtn(weight, 5)
+
+
+def _layer_and_hessian(seed: int = 0, rows: int = 32, cols: int = 96, tokens: int = 400):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, cols, generator=g)
+    mixing = torch.randn(cols, cols, generator=g) / cols**0.5 + torch.eye(cols)
+    x = (torch.randn(tokens, cols, generator=g) @ mixing) * torch.logspace(-1, 1, cols)
+    hessian = Hessian(cols)
+    hessian.add_batch(x)
+    return weight, x, hessian.matrix
+
+
+@pytest.mark.parametrize(("bits", "group"), [(2, 32), (3, None), (4, 32), (4, 64), (8, None)])
+def test_gptq_layer_output_error_is_at_most_rtn(bits, group) -> None:
+    weight, x, hessian = _layer_and_hessian(bits)
+    rtn = quantize_rtn(weight, bits, group).dequantize()
+    gptq = gptq_quantize(weight, hessian, bits, group, block_size=32)
+    w_hat = gptq.dequantize()
+    error = lambda w: (x @ (w - weight).T).square().sum()  # noqa: E731
+    assert error(w_hat) <= error(rtn)
+    for r, start in itertools.product(range(32), range(0, 96, gptq.group_size)):
+        assert w_hat[r, start : start + gptq.group_size].unique().numel() <= 2**bits
+
+
+def test_gptq_with_an_identity_hessian_is_rtn() -> None:
+    """No input correlation, nothing to compensate: GPTQ must reduce to plain rounding."""
+    weight = torch.randn(8, 64, generator=torch.Generator().manual_seed(3))
+    for group in (None, 16):
+        gptq = gptq_quantize(weight, torch.eye(64), 3, group, damp=0.0)
+        rtn = quantize_rtn(weight, 3, group)
+        assert torch.equal(gptq.codes, rtn.codes) and torch.equal(gptq.scales, rtn.scales)
+
+
+@pytest.mark.parametrize(
+    ("bits", "group", "out", "kernel"),
+    [(8, None, 48, "int8pack"), (4, 32, 48, "int4pack"), (4, 32, 40, "dequant"),
+     (4, 48, 48, "dequant"), (3, 32, 48, "dequant"), (2, None, 48, "dequant"),
+     (8, 32, 48, "dequant")],
+)  # fmt: skip
+def test_quant_linear_kernels_agree_with_dequantize_then_matmul(bits, group, out, kernel) -> None:
+    g = torch.Generator().manual_seed(bits)
+    weight, bias = torch.randn(out, 96, generator=g), torch.randn(out, generator=g)
+    qw = quantize_rtn(weight, bits, group)
+    layer = QuantLinear.from_quantized(qw, bias)
+    assert layer.kernel_name() == kernel
+    x = torch.randn(2, 5, 96, generator=g)
+    reference = x @ qw.dequantize().T + bias
+    fast = layer(x)
+    layer.kernel = "dequant"
+    slow = layer(x)
+    assert fast.shape == (2, 5, out)
+    assert torch.allclose(slow, reference, atol=1e-5)
+    assert torch.allclose(fast, slow, atol=1e-3, rtol=1e-4)
+    assert layer.storage_bytes() == quantized_bytes(out, 96, bits, qw.group_size)
+    assert torch.equal(layer.codes(), qw.codes)
