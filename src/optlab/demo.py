@@ -1,5 +1,6 @@
-"""The quickstart: the default model evaluated, pruned with Wanda, evaluated again, and
-written up as a run with a Markdown report. It grows as methods land: each adds a step."""
+"""The quickstart: the default model evaluated, pruned with Wanda and, separately, quantized to
+4.5 bits on average with TDMPQ sensitivities, each evaluated the same way, and written up as a
+run with a Markdown report. It grows as methods land: each adds a step."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from optlab.eval.perplexity import perplexity
 from optlab.eval.scorer import Scorer
 from optlab.eval.tasks import get_task
 from optlab.prune.pruner import PruneConfig, prune
+from optlab.quant.quantize import QuantConfig, quantize
 
 log = logging.getLogger("optlab")
 
@@ -33,10 +35,15 @@ def run_demo(
     device: str = "cpu",
     dtype: str = "float32",
 ) -> dict[str, Any]:
-    """Evaluate the default model, prune it with Wanda, evaluate again; write ``out``."""
+    """Evaluate the default model, prune it with Wanda and quantize a fresh copy with TDMPQ,
+    evaluating each the same way; write ``out``."""
     prune_config = PruneConfig(method="wanda", sparsity=0.5, n_calib=16, seq_len=SEQ_LEN)
+    # Groups of 64 divide SmolLM2's 576 and 1536 inputs, so every layer gets the int4 kernel.
+    quant_config = QuantConfig(sensitivity="tdmpq", avg_bits=4.5, group_size=64, n_calib=8,
+                               seq_len=SEQ_LEN)  # fmt: skip
     config = {"recipe": "quickstart", "model": "default", "seq_len": SEQ_LEN, "limit": limit,
-              "prune": config_to_dict(prune_config)}  # fmt: skip
+              "prune": config_to_dict(prune_config),
+              "quantize": config_to_dict(quant_config)}  # fmt: skip
     with Run(out, config=config, seed=seed, device=device, dtype=dtype, force=force) as run:
         seed_everything(seed)
         start = time.perf_counter()
@@ -46,14 +53,25 @@ def run_demo(
         metrics: dict[str, Any] = {
             "model": {k: info[k] for k in ("family", "blocks", "parameters")}
         }
-        log.info("step 1/3: evaluate the dense model")
+        log.info("step 1/5: evaluate the dense model")
         metrics["dense"] = _evaluate(lm, limit)
-        log.info("step 2/3: prune 50%% of every block linear with Wanda (16 x %d tokens)", SEQ_LEN)
+        log.info("step 2/5: prune 50%% of every block linear with Wanda (16 x %d tokens)", SEQ_LEN)
         pruned = prune(lm, prune_config)
         metrics["prune"] = {"sparsity": pruned["sparsity"]["total"],
                             "seconds": round(pruned["prune_seconds"], 1)}  # fmt: skip
-        log.info("step 3/3: evaluate the pruned model")
+        log.info("step 3/5: evaluate the pruned model")
         metrics["wanda50"] = _evaluate(lm, limit)
+        log.info("step 4/5: quantize a fresh copy to 4.5 bits on average, by TDMPQ sensitivity")
+        lm = load_model("default", dtype=dtype, device=device)
+        quantized = quantize(lm, quant_config)
+        metrics["quantize"] = {
+            "avg_bits": round(quantized["avg_bits"], 3),
+            "effective_bits": round(quantized["effective_bits"], 3),
+            "bits": quantized["unit_bits"],
+            "seconds": round(quantized["sensitivity_seconds"] + quantized["quantize_seconds"], 1),
+        }
+        log.info("step 5/5: evaluate the quantized model")
+        metrics["tdmpq45"] = _evaluate(lm, limit)
         metrics["seconds"] = round(time.perf_counter() - start, 1)
         run.add_metrics(metrics)
         run.save_text("report.md", _report(metrics))
@@ -74,30 +92,41 @@ def _evaluate(lm: LoadedModel, limit: int) -> dict[str, Any]:
 
 
 def _report(m: dict[str, Any]) -> str:
-    dense, pruned = m["dense"], m["wanda50"]
+    dense, pruned, quantized, q = m["dense"], m["wanda50"], m["tdmpq45"], m["quantize"]
     ppl = dense["ppl:wiki"]
     samples = "\n".join(
-        f"| *{p}* | {dense['samples'][p]!r} | {pruned['samples'][p]!r} |" for p in PROMPTS
+        f"| *{p}* | {dense['samples'][p]!r} | {pruned['samples'][p]!r} | "
+        f"{quantized['samples'][p]!r} |"
+        for p in PROMPTS
     )
+    widths = sorted(set(q["bits"].values()), reverse=True)
+    bit_counts = ", ".join(f"{sum(b == w for b in q['bits'].values())} at {w}" for w in widths)
     return f"""# optlab quickstart
 
 Model: `default` (SmolLM2-135M-Instruct, {m["model"]["family"]}, {m["model"]["blocks"]} blocks,
 {m["model"]["parameters"] / 1e6:.1f}M parameters, fp32), then the same model with 50% of the
 weights of every block linear pruned by Wanda (sparsity {m["prune"]["sparsity"]:.4f}, pruned
-in {m["prune"]["seconds"]} s from 16 calibration windows of {SEQ_LEN} tokens).
+in {m["prune"]["seconds"]} s from 16 calibration windows of {SEQ_LEN} tokens), and a fresh
+copy quantized by TDMPQ sensitivity to {q["avg_bits"]} bits per block-linear weight on average
+({q["effective_bits"]} with scales and zero points; layers: {bit_counts} bits; packed weights,
+groups of 64; {q["seconds"]} s from 8 calibration windows).
 
-| measurement | dense | Wanda 50% |
-|---|---|---|
+| measurement | dense | Wanda 50% | TDMPQ 4.5 bits |
+|---|---|---|---|
 | perplexity, `wiki:eval` ({ppl["windows"]} x {ppl["seq_len"]} tokens) | \
-{ppl["perplexity"]:.2f} | {pruned["ppl:wiki"]["perplexity"]:.2f} |
+{ppl["perplexity"]:.2f} | {pruned["ppl:wiki"]["perplexity"]:.2f} | \
+{quantized["ppl:wiki"]["perplexity"]:.2f} |
 | sentiment accuracy, `mc:sentiment` ({dense["mc:sentiment"]["n"]} sentences) | \
-{dense["mc:sentiment"]["acc"]:.3f} | {pruned["mc:sentiment"]["acc"]:.3f} |
+{dense["mc:sentiment"]["acc"]:.3f} | {pruned["mc:sentiment"]["acc"]:.3f} | \
+{quantized["mc:sentiment"]["acc"]:.3f} |
 
-| prompt | dense | Wanda 50% |
-|---|---|---|
+| prompt | dense | Wanda 50% | TDMPQ 4.5 bits |
+|---|---|---|---|
 {samples}
 
 Total time: {m["seconds"]} s. Reproduce: `optlab eval default --tasks ppl:wiki --seq-len
 {ppl["seq_len"]} --limit {ppl["windows"]}`; `optlab prune default --method wanda --n-calib 16
---seq-len {SEQ_LEN} --eval-limit {ppl["windows"]} --out runs/wanda50`.
+--seq-len {SEQ_LEN} --eval-limit {ppl["windows"]} --out runs/wanda50`; `optlab quantize default
+--sensitivity tdmpq --avg-bits 4.5 --group-size 64 --n-calib 8 --eval-limit {ppl["windows"]}
+--out runs/tdmpq45`.
 """
