@@ -28,10 +28,10 @@ MODEL is one of:
 """
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _common(parser: argparse.ArgumentParser, seed: int = 0) -> None:
     group = parser.add_argument_group("common options")
     group.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-    group.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    group.add_argument("--seed", type=int, default=seed, help=f"random seed (default {seed})")
     group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     group.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -163,7 +163,45 @@ def build_parser() -> argparse.ArgumentParser:
     _output_options(demo, required=False, what="run directory (default runs/demo-<time>)")
     demo.add_argument("--limit", type=_positive, default=20, help="perplexity windows (20)")
     demo.set_defaults(handler=cmd_demo)
+    _audit_commands(commands)
     return parser
+
+
+def _audit_commands(commands: argparse._SubParsersAction) -> None:
+    audit = commands.add_parser(
+        "audit", help="audit unlearning: metric reliability (UQS), persuasion probes (SKeB)",
+        description="Did unlearning really forget, and can its numbers be trusted?",
+    )  # fmt: skip
+    kinds = audit.add_subparsers(dest="audit", required=True, metavar="AUDIT")
+
+    reliability = kinds.add_parser(
+        "reliability", help="do the unlearning metrics agree; which method is best by UQS",
+        description="Analyse a table of unlearning runs (the runs.csv of `optlab unlearn sweep`:\n"
+        "run_id,dataset,seed,method,FA,RA,MIA,AD,JS,distance) as in arXiv 2605.02206:\n"
+        "  1. per (dataset, seed) group, Kendall tau between the method rankings of each pair\n"
+        "     of metrics (stable ties), mean over groups and a t-test against 0\n"
+        "  2. pooled Kendall tau-b over all runs, per pair and on average\n"
+        "  3. Spearman rho of each metric with -distance to the oracle (reliability)\n"
+        "  4. weights w = max(rho, 0.01), normalised (full data, or 5-fold --weights cv)\n"
+        "  5. the Unified Quality Score per method and the ranking\n"
+        "  6. stability: ranking tau under --trials Dirichlet(1) weightings\n"
+        "Writes metrics.json, report.md and plots (tau heatmap, rho bars, UQS ranking).\n"
+        "example: optlab audit reliability runs/sweep/runs.csv --out runs/reliability",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    _common(reliability, seed=42)
+    reliability.add_argument("runs", metavar="RUNS.csv", help="table of unlearning runs")
+    reliability.add_argument(
+        "--weights",
+        default="full",
+        choices=["full", "cv"],
+        help="rho on all runs (published) or 5-fold CV (default full)",
+    )
+    reliability.add_argument(
+        "--trials", type=int, default=100, help="Dirichlet weightings for the stability check (100)"
+    )
+    _output_options(reliability, required=True)
+    reliability.set_defaults(handler=cmd_audit_reliability)
 
 
 def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
@@ -220,6 +258,13 @@ def cmd_retrain(args: argparse.Namespace) -> dict[str, Any]:
         args.run, config, args.out, force=args.force, dtype=args.dtype, device=args.device,
         eval_limit=args.eval_limit, evaluate=not args.no_eval,
     )  # fmt: skip
+
+
+def cmd_audit_reliability(args: argparse.Namespace) -> dict[str, Any]:
+    from optlab.audit.reliability import reliability_to_run
+
+    return reliability_to_run(args.runs, args.out, weights=args.weights, trials=args.trials,
+                              seed=args.seed, force=args.force)  # fmt: skip
 
 
 def _refuse_existing(out: str | None, force: bool) -> None:
