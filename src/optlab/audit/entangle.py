@@ -116,5 +116,5 @@ def entanglement(
         "M8": len(induced) / n if n else 0.0,
         "M9": spreading_activation(
             graph, nodes, target and graph.canonical(target), decay=decay, steps=steps
-        ),  # fmt: skip
+        ),
     }

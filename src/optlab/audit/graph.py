@@ -165,7 +165,7 @@ class DomainGraph:
             "nodes": {
                 x: {"frequency": f, "kind": self.kinds.get(x, "entity")}
                 for x, f in self.frequency.items()
-            },  # fmt: skip
+            },
             "edges": [[a, b, w] for (a, b), w in sorted(self.edges.items())],
             "aliases": dict(sorted(self.aliases.items())),
         }
