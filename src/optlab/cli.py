@@ -203,6 +203,47 @@ def _audit_commands(commands: argparse._SubParsersAction) -> None:
     _output_options(reliability, required=True)
     reliability.set_defaults(handler=cmd_audit_reliability)
 
+    skeb = kinds.add_parser(
+        "skeb", help="persuasion probes: do framed questions bring forgotten facts back",
+        description="Ask each forgotten fact plainly and in emotional, logical and authority\n"
+        "framings, judge every answer against the domain graph (factual / non-factual /\n"
+        "hallucinated per sentence), and report per framing the recall with bootstrap CIs,\n"
+        "the relative recovery vs the plain question, and OLS of each behaviour on the\n"
+        "prompt's entanglement metrics M1-M9 (Shah & Le, arXiv 2510.25732).\n"
+        "Facts: --prompts FILE, else --forgotten RUN_OR_FILE, else MODEL_OR_RUN/forget.jsonl,\n"
+        "else the capital of every country (domain countries).\n"
+        "example: optlab audit skeb runs/unlearned --base default --limit 20 --out runs/skeb",
+        epilog=EPILOG_MODELS, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    _common(skeb)
+    skeb.add_argument("model", metavar="MODEL_OR_RUN", help="the (unlearned) model to audit")
+    skeb.add_argument(
+        "--domain",
+        default="countries",
+        help="countries, or a graph .json written by optlab (default countries)",
+    )
+    skeb.add_argument(
+        "--forgotten",
+        metavar="RUN_OR_FILE",
+        help="unlearning run (its forget.jsonl) or .jsonl of question/answer",
+    )
+    skeb.add_argument(
+        "--prompts",
+        metavar="FILE.jsonl",
+        help="prompts written elsewhere: question, answer, framing, prompt",
+    )
+    skeb.add_argument("--templates", metavar="DIR", help="extra or replacement framing files")
+    skeb.add_argument("--limit", type=_positive, help="probe only the first N facts")
+    skeb.add_argument("--base", metavar="MODEL", help="also probe this model and compare")
+    skeb.add_argument("--judge", default="graph", help="graph (default) or a judge MODEL")
+    skeb.add_argument("--format", default="qa", dest="prompt_format",
+                      help="qa ('### Question: ...\\n ### Answer:', as unlearning trains), raw, "
+                      "or a string with {prompt}")  # fmt: skip
+    skeb.add_argument("--max-new-tokens", type=_positive, default=40, help="default 40")
+    skeb.add_argument("--batch-size", type=_positive, default=8, help="default 8")
+    _output_options(skeb, required=True)
+    skeb.set_defaults(handler=cmd_audit_skeb)
+
 
 def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
     from optlab.api import describe_model, load_model
@@ -265,6 +306,18 @@ def cmd_audit_reliability(args: argparse.Namespace) -> dict[str, Any]:
 
     return reliability_to_run(args.runs, args.out, weights=args.weights, trials=args.trials,
                               seed=args.seed, force=args.force)  # fmt: skip
+
+
+def cmd_audit_skeb(args: argparse.Namespace) -> dict[str, Any]:
+    from optlab.audit.skeb import audit_skeb
+
+    return audit_skeb(
+        args.model, args.out, domain=args.domain, forgotten=args.forgotten,
+        prompts=args.prompts, templates=args.templates, limit=args.limit, base=args.base,
+        judge=args.judge, prompt_format=args.prompt_format,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+        device=args.device, dtype=args.dtype, force=args.force,
+    )  # fmt: skip
 
 
 def _refuse_existing(out: str | None, force: bool) -> None:

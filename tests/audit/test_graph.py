@@ -51,6 +51,8 @@ def test_matching_whole_words_aliases_longest_first_and_substrings(hp) -> None:
     assert m.match("Guinea and Papua New Guinea") == ["Papua New Guinea"]  # substring dropped
     assert m.match("New York") == ["New York"]  # longest first at one place
     assert m.match("York, then Guinea") == ["York", "Guinea"]
+    fiji = EntityMatcher(["Fiji", "Fijian dollar"], {})
+    assert fiji.match("Fiji pays in Fijian dollar") == ["Fiji", "Fijian dollar"]  # not a word
     assert EntityMatcher([], {}).match("anything") == []
 
 

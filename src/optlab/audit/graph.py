@@ -221,8 +221,9 @@ def _alias_table(aliases: Mapping[str, Iterable[str]] | Mapping[str, str]) -> di
 
 class EntityMatcher:
     """Find entity mentions: whole-word, case-insensitive matches of names and aliases,
-    leftmost-longest; then a match whose text is a substring of another match's text is
-    dropped (so "Guinea" does not count when "Papua New Guinea" is also named)."""
+    leftmost-longest; then a match whose text occurs, as whole words, inside another match's
+    text is dropped (so "Guinea" does not count when "Papua New Guinea" is also named, while
+    "Fiji" still counts beside "Fijian dollar")."""
 
     def __init__(self, names: Sequence[str], aliases: Mapping[str, str]) -> None:
         self.surface: dict[str, str] = {}
@@ -243,8 +244,12 @@ class EntityMatcher:
             return []
         found = [m.group(0).casefold() for m in self.pattern.finditer(text)]
         forms = set(found)
-        kept = [f for f in found if not any(f != g and f in g for g in forms)]
+        kept = [f for f in found if not any(f != g and _contains_word(g, f) for g in forms)]
         return list(dict.fromkeys(self.surface[f] for f in kept))
+
+
+def _contains_word(text: str, part: str) -> bool:
+    return re.search(rf"(?<!\w){re.escape(part)}(?!\w)", text) is not None
 
 
 @functools.cache
