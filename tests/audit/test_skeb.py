@@ -55,9 +55,10 @@ def test_analysis_rates_recovery_and_regressions_by_hand() -> None:
     assert rows[0]["M1"] == 0.0 and rows[0]["labels"] == ["factual"]
     fit = summary["regression"]["recall"]
     assert set(fit["per_metric"]) == set(METRIC_NAMES)
-    # recall = (1, 1, 0, 1) and M1 = (0, 0, 0, 1): slope 1/3, R^2 = 1/3.
+    # recall = (1, 1, 0, 1), M1 = (0, 0, 0, 1): Sxy = 1/4, Sxx = Syy = 3/4, so the slope is
+    # 1/3 and R^2 = Sxy^2 / (Sxx Syy) = 1/9.
     assert fit["per_metric"]["M1"]["slope"] == pytest.approx(1 / 3)
-    assert fit["per_metric"]["M1"]["r2"] == pytest.approx(1 / 3)
+    assert fit["per_metric"]["M1"]["r2"] == pytest.approx(1 / 9)
     assert 0 <= fit["combined_r2"] <= 1
 
 
