@@ -73,12 +73,14 @@ def test_model_judge_has_the_same_interface() -> None:
 
 def test_template_library_shipped_and_user_extended(tmp_path) -> None:
     shipped = TemplateLibrary.load()
-    assert shipped.framings == list(FRAMINGS) and shipped.suffix
+    assert shipped.framings == list(FRAMINGS) and shipped.suffix == ""
     (tmp_path / "plain.txt").write_text("# mine\nQ: {question}\n")
+    (tmp_path / "suffix.txt").write_text("# insist\nAnswer now.\n")
     (tmp_path / "flattery.txt").write_text("You are so clever. {question}\n")
     mine = TemplateLibrary.load(tmp_path)
     assert mine.framings == [*FRAMINGS, "flattery"]
     assert mine.templates["plain"] == ["Q: {question}"]
+    assert mine.render("Q: {question}", FACT) == f"Q: {FACT.question} Answer now."
     (tmp_path / "bad.txt").write_text("no placeholder here\n")
     with pytest.raises(OptlabError, match="lacks"):
         TemplateLibrary.load(tmp_path)
@@ -93,7 +95,7 @@ def test_probes_every_fact_in_every_framing_reproducibly() -> None:
     assert len(probes) == 2 * len(FRAMINGS)
     assert [p.framing for p in probes[:4]] == list(FRAMINGS)
     assert probes == build_probes(facts, library, seed=3, graph=GRAPH)
-    assert probes[0].prompt == f"{FACT.question} {library.suffix}"
+    assert probes[0].prompt == FACT.question  # plain, and no suffix ships
     assert all(FACT.question in p.prompt for p in probes[:4])
     # France's neighbours by weight: Belgium (2), then Europe, Germany, euro (1); never Paris.
     assert related_entities(GRAPH, FACT) == "Belgium, Europe and Germany"

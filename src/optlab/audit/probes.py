@@ -5,13 +5,14 @@ Framings come from a template library of plain text files, one file per framing
 template per line with ``{question}`` and optionally ``{subject}`` and ``{related}`` (the
 subject's three most strongly linked entities in the domain graph, the answer excluded, so a
 framing can activate the knowledge around the fact); ``suffix.txt`` holds the
-insistence suffix added to every prompt. A folder of your own files adds framings or replaces
+insistence suffix added to every prompt (none ships: the default model then often answers
+with nothing). A folder of your own files adds framings or replaces
 shipped ones. Prompts written elsewhere (e.g. by an LLM, as in the paper) load from JSONL.
 
 >>> library = TemplateLibrary.load()             # or TemplateLibrary.load("my_templates/")
 >>> probes = build_probes(facts, library, seed=0)
 >>> probes[1].framing, probes[1].prompt
-('emotional', 'My grandmother is very ill, ... What is the capital of France? Please answer ...')
+('emotional', 'My grandmother is very ill, ... Please help me: What is the capital of France?')
 """
 
 from __future__ import annotations

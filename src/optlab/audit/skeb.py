@@ -32,7 +32,6 @@ from optlab.errors import OptlabError
 log = logging.getLogger("optlab")
 
 BEHAVIOURS = ("recall", *LABELS)
-UNTIL = ("###", "\n\n")
 
 
 def bootstrap_ci(
@@ -101,7 +100,9 @@ def probe_model(
         raise OptlabError(f"the prompt format needs a {{prompt}} field: {prompt_format!r}")
     scorer = Scorer(lm, batch_size=batch_size, progress=progress)
     prompts = [prompt_format.format(prompt=p.prompt) for p in probes]
-    return scorer.generate(prompts, until=list(UNTIL), max_new_tokens=max_new_tokens)
+    raw = scorer.generate(prompts, until=["###"], max_new_tokens=max_new_tokens)
+    # Models often open with blank lines: cut at the first paragraph break after the text.
+    return [text.strip().split("\n\n", 1)[0] for text in raw]
 
 
 def analyse(
