@@ -67,7 +67,7 @@ def load_runs(path: str | Path) -> RunTable:
     path = Path(path)
     if not path.is_file():
         raise OptlabError(f"runs table not found: {path}")
-    with path.open(newline="", encoding="utf-8") as handle:
+    with path.open(newline="", encoding="utf-8-sig") as handle:  # tolerate a spreadsheet's BOM
         reader = csv.DictReader(handle)
         header = reader.fieldnames or []
         missing = [c for c in COLUMNS if c not in header]
@@ -85,6 +85,9 @@ def runs_from_rows(rows: list[dict[str, Any]], source: str = "runs table") -> Ru
     numbers), checking what the analysis needs."""
     if not rows:
         raise OptlabError(f"{source}: no runs")
+    missing = [c for c in COLUMNS if c not in rows[0]]
+    if missing:
+        raise OptlabError(f"{source}: missing column(s) {', '.join(missing)}")
     values: dict[str, list[float]] = {c: [] for c in (*METRICS, "distance")}
     seen: set[tuple[str, str, str]] = set()
     for line, row in enumerate(rows, 2):  # line 1 is the header
