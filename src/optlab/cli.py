@@ -203,6 +203,26 @@ def _audit_commands(commands: argparse._SubParsersAction) -> None:
     _output_options(reliability, required=True)
     reliability.set_defaults(handler=cmd_audit_reliability)
 
+    graph = kinds.add_parser(
+        "graph", help="build a domain graph (entity co-occurrence) and save it as JSON",
+        description="Build the co-occurrence graph of a domain: the shipped country records\n"
+        "(--domain countries) or a corpus with an entity list and an alias map. Node\n"
+        "frequency = units naming the entity; edge weight = units naming both. Prints the\n"
+        "summary; `optlab audit skeb ... --domain GRAPH.json` uses the saved graph.\n"
+        "example: optlab audit graph --corpus book.txt --entities names.txt --aliases\n"
+        "         aliases.json --unit-regex '^CHAPTER' --out book-graph.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    _common(graph)
+    graph.add_argument("--domain", help="a built-in domain (countries)")
+    graph.add_argument("--corpus", help=".txt corpus; units are blank-line separated documents")
+    graph.add_argument("--entities", help="entity names, one per line")
+    graph.add_argument("--aliases", help='JSON object: {"name": ["alias", ...]}')
+    graph.add_argument("--unit-regex", help="split units at this regex instead (e.g. ^CHAPTER)")
+    graph.add_argument("--out", required=True, help="graph JSON file to write")
+    graph.add_argument("--force", action="store_true", help="replace an existing --out")
+    graph.set_defaults(handler=cmd_audit_graph)
+
     skeb = kinds.add_parser(
         "skeb", help="persuasion probes: do framed questions bring forgotten facts back",
         description="Ask each forgotten fact plainly and in emotional, logical and authority\n"
@@ -306,6 +326,19 @@ def cmd_audit_reliability(args: argparse.Namespace) -> dict[str, Any]:
 
     return reliability_to_run(args.runs, args.out, weights=args.weights, trials=args.trials,
                               seed=args.seed, force=args.force)  # fmt: skip
+
+
+def cmd_audit_graph(args: argparse.Namespace) -> dict[str, Any]:
+    from optlab.audit.graph import graph_from_files, load_domain
+
+    _refuse_existing(args.out, args.force)
+    if bool(args.domain) == bool(args.corpus):
+        raise OptlabError("give --domain countries, or --corpus FILE with --entities FILE")
+    if args.corpus and not args.entities:
+        raise OptlabError("--corpus needs --entities FILE (one entity name per line)")
+    graph = load_domain(args.domain) if args.domain else graph_from_files(
+        args.corpus, args.entities, args.aliases, args.unit_regex)  # fmt: skip
+    return {**graph.summary(), "graph": str(graph.save(args.out))}
 
 
 def cmd_audit_skeb(args: argparse.Namespace) -> dict[str, Any]:

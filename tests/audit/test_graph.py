@@ -105,3 +105,27 @@ def test_country_graph_from_the_shipped_records() -> None:
     assert g.weight("France", "euro") == 1 and g.weight("euro", "Europe") > 10
     assert g.match("Is Paris the capital of the USA?") == ["Paris", "United States"]
     assert g.summary()["units"] > len([k for k in g.kinds.values() if k == "country"])
+
+
+def test_graph_cli_from_a_corpus_with_chapters(capsys, tmp_path) -> None:
+    import json
+
+    from optlab.cli import main
+
+    (tmp_path / "book.txt").write_text(
+        "CHAPTER I\nHarry met Hermione.\n\nPotter smiled.\nCHAPTER II\nRon and Hermione.\n"
+    )
+    (tmp_path / "names.txt").write_text("Harry\nHermione\nRon\n")
+    (tmp_path / "aliases.json").write_text('{"Harry": ["Potter"]}')
+    out = tmp_path / "g.json"
+    args = ["audit", "graph", "--corpus", str(tmp_path / "book.txt"), "--entities",
+            str(tmp_path / "names.txt"), "--aliases", str(tmp_path / "aliases.json"),
+            "--unit-regex", "^CHAPTER", "--out", str(out), "--json"]  # fmt: skip
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["units"], summary["nodes"], summary["edges"]) == (2, 3, 2)
+    graph = DomainGraph.load(out)
+    assert graph.frequency == {"Harry": 1, "Hermione": 2, "Ron": 1}
+    assert main(args) == 2 and "exists" in capsys.readouterr().err
+    bad = ["audit", "graph", "--corpus", str(tmp_path / "book.txt"), "--out", str(tmp_path / "x")]
+    assert main(bad) == 2 and "--entities" in capsys.readouterr().err

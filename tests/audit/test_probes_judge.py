@@ -121,3 +121,13 @@ def test_load_facts_from_a_run_and_prompts_from_a_file(tmp_path) -> None:
     prompts.write_text(json.dumps(rows[1]) + "\n")
     with pytest.raises(OptlabError, match="no 'plain' prompts"):
         load_prompts(prompts)
+
+
+def test_model_judge_runs_on_a_tiny_model() -> None:
+    from optlab.core.models import load_model
+    from optlab.eval.scorer import Scorer
+
+    scorer = Scorer(load_model("tiny:llama"), progress=False)
+    verdicts = ModelJudge(scorer).judge_all([(FACT, PROMPT, "Paris. Berlin.")])
+    assert len(verdicts[0].labels) == 2
+    assert set(verdicts[0].labels) <= {"factual", "non-factual", "hallucinated"}

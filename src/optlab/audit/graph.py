@@ -317,3 +317,38 @@ def load_domain(domain: str) -> DomainGraph:
     from optlab.errors import did_you_mean
 
     raise did_you_mean("domain", domain, DOMAINS)
+
+
+def graph_from_files(
+    corpus: str | Path,
+    entities: str | Path,
+    aliases: str | Path | None = None,
+    unit_regex: str | None = None,
+) -> DomainGraph:
+    """A corpus graph from files: the corpus (``.txt``; units are blank-line separated
+    documents, or the pieces between matches of ``unit_regex``, e.g. ``^CHAPTER``), the
+    entities (one per line) and optionally an alias map (JSON: name -> [aliases])."""
+    paths = {"corpus": Path(corpus), "entity list": Path(entities)}
+    if aliases is not None:
+        paths["alias map"] = Path(aliases)
+    for what, path in paths.items():
+        if not path.is_file():
+            raise OptlabError(f"{what} not found: {path}")
+    text = paths["corpus"].read_text(encoding="utf-8")
+    try:
+        splitter = re.compile(unit_regex or r"\n\s*\n", re.MULTILINE)
+    except re.error as err:
+        raise OptlabError(f"bad --unit-regex {unit_regex!r}: {err}") from None
+    units = [u for u in splitter.split(text) if u.strip()]
+    names = [n.strip() for n in paths["entity list"].read_text("utf-8").splitlines() if n.strip()]
+    alias_map: dict[str, list[str]] = {}
+    if aliases is not None:
+        try:
+            alias_map = json.loads(paths["alias map"].read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise OptlabError(f"{aliases}: not valid JSON ({err.msg})") from None
+        if not isinstance(alias_map, dict) or not all(
+            isinstance(v, list) for v in alias_map.values()
+        ):
+            raise OptlabError(f"{aliases}: expected a JSON object of name -> [aliases]")
+    return DomainGraph.from_corpus(units, names, alias_map)
