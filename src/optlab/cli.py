@@ -255,6 +255,12 @@ def _audit_commands(commands: argparse._SubParsersAction) -> None:
     skeb.add_argument("--templates", metavar="DIR", help="extra or replacement framing files")
     skeb.add_argument("--limit", type=_positive, help="probe only the first N facts")
     skeb.add_argument("--base", metavar="MODEL", help="also probe this model and compare")
+    skeb.add_argument(
+        "--variants",
+        metavar="M1,M2",
+        default="",
+        help="also probe these (e.g. compressed copies of the unlearned model)",
+    )
     skeb.add_argument("--judge", default="graph", help="graph (default) or a judge MODEL")
     skeb.add_argument("--format", default="qa", dest="prompt_format",
                       help="qa ('### Question: ...\\n ### Answer:', as unlearning trains), raw, "
@@ -347,6 +353,7 @@ def cmd_audit_skeb(args: argparse.Namespace) -> dict[str, Any]:
     return audit_skeb(
         args.model, args.out, domain=args.domain, forgotten=args.forgotten,
         prompts=args.prompts, templates=args.templates, limit=args.limit, base=args.base,
+        variants=[v for v in args.variants.split(",") if v],
         judge=args.judge, prompt_format=args.prompt_format,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
         device=args.device, dtype=args.dtype, force=args.force,

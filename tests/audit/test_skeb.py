@@ -67,20 +67,25 @@ def test_skeb_cli_on_tiny_models_with_a_base_and_a_forgotten_file(capsys, tmp_pa
     forgotten.write_text("".join(json.dumps({"question": f.question, "answer": f.answer}) + "\n"
                                  for f in FACTS))  # fmt: skip
     out = tmp_path / "skeb"
-    args = ["audit", "skeb", "tiny:llama", "--base", "tiny:gpt2", "--forgotten", str(forgotten),
+    args = ["audit", "skeb", "tiny:llama", "--base", "tiny:gpt2", "--variants", "tiny:opt",
+            "--forgotten", str(forgotten),
             "--limit", "1", "--max-new-tokens", "3", "--out", str(out), "--json"]  # fmt: skip
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["facts"] == 1 and result["probes"] == 4
     assert set(result["comparison"]) == {"plain", "emotional", "logical", "authority"}
+    assert set(result["comparison"]["plain"]) == {"audited", "base", "tiny:opt", "change"}
     files = {p.name for p in out.iterdir()}
     assert {"metrics.json", "report.md", "probes_audited.jsonl", "probes_base.jsonl",
-            "graph.json", "recall_by_framing.png", "r2_by_metric.png",
-            "base_vs_audited.png"} <= files  # fmt: skip
+            "probes_tiny_opt.jsonl", "graph.json", "recall_by_framing.png", "r2_by_metric.png",
+            "recall_by_model.png"} <= files  # fmt: skip
     rows = [json.loads(line) for line in (out / "probes_audited.jsonl").read_text().splitlines()]
     assert [r["framing"] for r in rows] == ["plain", "emotional", "logical", "authority"]
     assert all(r["answer"] == "Paris" and "response" in r for r in rows)
-    assert "## Base vs audited model" in (out / "report.md").read_text()
+    assert (
+        "| framing | audited | base | tiny:opt | audited - base |"
+        in (out / "report.md").read_text()
+    )
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,8 @@ entanglement of the prompt with the domain explain it? (Shah & Le, arXiv 2510.25
 Chain: facts -> probes (plain + framings) -> greedy answers (``Scorer.generate``) -> judge
 -> per framing: recall, factual / non-factual / hallucinated shares with bootstrap CIs,
 relative recovery vs the plain question; OLS of each behaviour on M1-M9 of the prompt;
-optionally the same probes on a base model for comparison.
+optionally the same probes on a base model and on variants (e.g. compressed copies of the
+unlearned model) for comparison.
 
 >>> result = skeb_audit(load_model("runs/unlearned"), country_graph(), facts[:20])
 >>> result["framings"]["authority"]["recall"]["mean"], result["recovery"]["authority"]
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -153,19 +155,23 @@ def skeb_audit(
     probes: Sequence[Probe] | None = None,
     judge: Judge | None = None,
     base: LoadedModel | None = None,
+    variants: dict[str, LoadedModel] | None = None,
     seed: int = 0,
     prompt_format: str = QA_FORMAT,
     max_new_tokens: int = 40,
     batch_size: int = 8,
     progress: bool = True,
 ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
-    """Probe ``lm`` (and ``base`` if given) and analyse; returns (result, rows per model)."""
+    """Probe ``lm`` (and ``base`` and ``variants`` if given) and analyse; returns (result,
+    rows per model)."""
     if not facts:
         raise OptlabError("no facts to probe")
     probes = list(probes) if probes is not None else build_probes(
         facts, library or TemplateLibrary.load(), seed=seed, graph=graph)  # fmt: skip
     judge = judge or GraphJudge(graph)
-    models = {"audited": lm} | ({"base": base} if base is not None else {})
+    models = {"audited": lm} | ({"base": base} if base is not None else {}) | (variants or {})
+    if len(models) < 1 + (base is not None) + len(variants or {}):
+        raise OptlabError("a variant may not be named 'audited' or 'base'")
     result: dict[str, Any] = {"models": {}, "probes": len(probes), "facts": len(facts)}
     rows: dict[str, list[dict[str, Any]]] = {}
     for name, model in models.items():
@@ -177,19 +183,19 @@ def skeb_audit(
         summary, rows[name] = analyse(graph, facts, probes, responses, judge, seed=seed)
         summary |= {"model": model.spec, "seconds": time.perf_counter() - start}
         result["models"][name] = summary
-    if base is not None:
-        result["comparison"] = compare(result["models"]["base"], result["models"]["audited"])
+    if len(models) > 1:
+        result["comparison"] = compare(result["models"])
     return result, rows
 
 
-def compare(base: dict[str, Any], audited: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Recall per framing, base vs audited, and the audited model's change."""
+def compare(summaries: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Recall per framing for every model probed; ``change`` = audited - base when both."""
     out = {}
-    for framing, stats in audited["framings"].items():
-        b = base["framings"].get(framing, {}).get("recall", {}).get("mean")
-        a = stats["recall"]["mean"]
-        out[framing] = {"base": b, "audited": a,
-                        "change": None if a is None or b is None else a - b}  # fmt: skip
+    for framing in summaries["audited"]["framings"]:
+        recall = {name: s["framings"].get(framing, {}).get("recall", {}).get("mean")
+                  for name, s in summaries.items()}  # fmt: skip
+        a, b = recall["audited"], recall.get("base")
+        out[framing] = recall | {"change": None if a is None or b is None else a - b}
     return out
 
 
@@ -226,14 +232,17 @@ def skeb_report(result: dict[str, Any]) -> str:
             lines.append(f"| {behaviour} | {' | '.join(cells)} | {_num(fit['combined_r2'])} |")
         lines.append("")
     if "comparison" in result:
-        lines += ["## Base vs audited model: recall per framing", "",
-                  "| framing | base | audited | change |", "|---|---|---|---|"]  # fmt: skip
+        names = list(result["models"])
+        lines += ["## Recall per framing, model by model", "",
+                  "| framing | " + " | ".join(names) + " | audited - base |",
+                  "|---" * (len(names) + 2) + "|"]  # fmt: skip
         for framing, c in result["comparison"].items():
             change = "n/a" if c["change"] is None else f"{100 * c['change']:+.1f} pt"
-            lines.append(f"| {framing} | {_pct(c['base'])} | {_pct(c['audited'])} | {change} |")
+            cells = " | ".join(_pct(c[n]) for n in names)
+            lines.append(f"| {framing} | {cells} | {change} |")
         lines.append("")
     lines.append("Plots: `recall_by_framing.png`, `r2_by_metric.png`"
-                 + (", `base_vs_audited.png`." if "comparison" in result else "."))  # fmt: skip
+                 + (", `recall_by_model.png`." if "comparison" in result else "."))  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -259,7 +268,8 @@ def skeb_to_run(
         result, rows = skeb_audit(lm, graph, facts, **options)
         run.add_metrics(result)
         for name, model_rows in rows.items():
-            run.save_text(f"probes_{name}.jsonl", "".join(
+            safe = re.sub(r"[^\w.-]+", "_", name)  # a model spec may hold / or :
+            run.save_text(f"probes_{safe}.jsonl", "".join(
                 json.dumps(r, ensure_ascii=False) + "\n" for r in model_rows))  # fmt: skip
         graph.save(run.dir / "graph.json")
         run.save_text("report.md", skeb_report(result))
@@ -275,9 +285,8 @@ def skeb_to_run(
                            METRIC_NAMES], "Recall ~ metric: R^2", "R^2"))  # fmt: skip
         if "comparison" in result:
             comp = result["comparison"]
-            (run.dir / "base_vs_audited.png").write_bytes(plots.grouped_bars(
-                framings, {"base": [comp[f]["base"] for f in framings],
-                           "audited": [comp[f]["audited"] for f in framings]},
+            (run.dir / "recall_by_model.png").write_bytes(plots.grouped_bars(
+                framings, {n: [comp[f][n] for f in framings] for n in result["models"]},
                 "Recall by framing", "recall"))  # fmt: skip
     result["run"] = str(run.path)
     return result
@@ -293,6 +302,7 @@ def audit_skeb(
     templates: str | None = None,
     limit: int | None = None,
     base: str | None = None,
+    variants: Sequence[str] = (),
     judge: str = "graph",
     prompt_format: str = QA_FORMAT,
     max_new_tokens: int = 40,
@@ -343,14 +353,16 @@ def audit_skeb(
     library = TemplateLibrary.load(templates) if probes is None else None
     lm = load_model(model, dtype=dtype, device=device, seed=seed)
     base_lm = load_model(base, dtype=dtype, device=device, seed=seed) if base else None
+    variant_lms = {v: load_model(v, dtype=dtype, device=device, seed=seed) for v in variants}
     judge_impl: Judge = GraphJudge(graph)
     if judge != "graph":
         judge_lm = load_model(judge, dtype=dtype, device=device, seed=seed)
         judge_impl = ModelJudge(Scorer(judge_lm, batch_size=batch_size, progress=progress))
     config = {"command": "audit skeb", "model": model, "domain": domain,
               "forgotten": forgotten, "prompts": prompts, "templates": templates,
-              "limit": limit, "base": base, "judge": judge, "prompt_format": prompt_format,
-              "max_new_tokens": max_new_tokens, "seed": seed}  # fmt: skip
+              "limit": limit, "base": base, "variants": list(variants), "judge": judge,
+              "prompt_format": prompt_format, "max_new_tokens": max_new_tokens,
+              "seed": seed}  # fmt: skip
     return skeb_to_run(
         lm,
         graph,
@@ -362,6 +374,7 @@ def audit_skeb(
         probes=probes,
         judge=judge_impl,
         base=base_lm,
+        variants=variant_lms,
         seed=seed,
         prompt_format=prompt_format,
         max_new_tokens=max_new_tokens,
