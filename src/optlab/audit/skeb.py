@@ -7,8 +7,9 @@ relative recovery vs the plain question; OLS of each behaviour on M1-M9 of the p
 optionally the same probes on a base model and on variants (e.g. compressed copies of the
 unlearned model) for comparison.
 
->>> result = skeb_audit(load_model("runs/unlearned"), country_graph(), facts[:20])
->>> result["framings"]["authority"]["recall"]["mean"], result["recovery"]["authority"]
+>>> result, rows = skeb_audit(load_model("runs/unlearned"), country_graph(), facts[:20])
+>>> audited = result["models"]["audited"]
+>>> audited["framings"]["authority"]["recall"]["mean"], audited["recovery"]["authority"]
 (0.35, 0.4)
 """
 
@@ -87,7 +88,6 @@ def regressions(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def probe_model(
     lm: LoadedModel,
-    facts: Sequence[Fact],
     probes: Sequence[Probe],
     *,
     prompt_format: str = QA_FORMAT,
@@ -169,15 +169,16 @@ def skeb_audit(
     probes = list(probes) if probes is not None else build_probes(
         facts, library or TemplateLibrary.load(), seed=seed, graph=graph)  # fmt: skip
     judge = judge or GraphJudge(graph)
+    clash = {"audited", "base", "change"} & set(variants or {})
+    if clash:
+        raise OptlabError(f"a variant may not be named {sorted(clash)[0]!r}")
     models = {"audited": lm} | ({"base": base} if base is not None else {}) | (variants or {})
-    if len(models) < 1 + (base is not None) + len(variants or {}):
-        raise OptlabError("a variant may not be named 'audited' or 'base'")
     result: dict[str, Any] = {"models": {}, "probes": len(probes), "facts": len(facts)}
     rows: dict[str, list[dict[str, Any]]] = {}
     for name, model in models.items():
         start = time.perf_counter()
         log.info("probing %s (%s): %d prompts", name, model.spec, len(probes))
-        responses = probe_model(model, facts, probes, prompt_format=prompt_format,
+        responses = probe_model(model, probes, prompt_format=prompt_format,
                                 max_new_tokens=max_new_tokens, batch_size=batch_size,
                                 progress=progress)  # fmt: skip
         summary, rows[name] = analyse(graph, facts, probes, responses, judge, seed=seed)
