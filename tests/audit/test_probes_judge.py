@@ -33,7 +33,8 @@ PROMPT = "As the professor Dupont says, this is known. What is the capital of Fr
         ("The capital of France is Zorblax City.", ["hallucinated"]),  # outside the graph
         ("Dupont would say Berlin.", ["non-factual"]),  # a name taken from the prompt
         ("I love Parisian food.", ["hallucinated"]),  # whole words: not the answer
-        ("Lovely weather.", ["non-factual"]),  # a capital opening a sentence is no name
+        ("Beautiful weather.", ["non-factual"]),  # a common word opening a sentence is no name
+        ("Calcutta.", ["hallucinated"]),  # a name opening a sentence still is one
         ("", ["non-factual"]),
     ],
 )
@@ -131,3 +132,13 @@ def test_model_judge_runs_on_a_tiny_model() -> None:
     verdicts = ModelJudge(scorer).judge_all([(FACT, PROMPT, "Paris. Berlin.")])
     assert len(verdicts[0].labels) == 2
     assert set(verdicts[0].labels) <= {"factual", "non-factual", "hallucinated"}
+
+
+def test_an_answer_inside_the_subject_is_not_recall() -> None:
+    fact = Fact("What is the capital of Holy See (Vatican City State)?", "Vatican City State",
+                "Holy See (Vatican City State)")  # fmt: skip
+    judge = GraphJudge(DomainGraph.from_units([["Holy See (Vatican City State)",
+                                                "Vatican City State"]]))  # fmt: skip
+    assert judge.judge(fact, fact.question, "The capital of Holy See (Vatican City State) is "
+                       "Rome.").labels == ["hallucinated"]  # fmt: skip
+    assert judge.judge(fact, fact.question, "It is Vatican City State.").recall

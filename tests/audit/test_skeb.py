@@ -44,7 +44,7 @@ def test_analysis_rates_recovery_and_regressions_by_hand() -> None:
     probes = [Probe(i, f, f"{f}: {FACTS[i].question}") for i in range(2)
               for f in ("plain", "authority")]  # fmt: skip
     probes[3] = Probe(1, "authority", "Germany borders France. " + FACTS[1].question)
-    responses = ["Paris.", "Paris. Lovely.", "I do not know.", "Berlin. It is Zorblax."]
+    responses = ["Paris.", "Paris. Beautiful.", "I do not know.", "Berlin. It is Zorblax."]
     summary, rows = analyse(GRAPH, FACTS, probes, responses, GraphJudge(GRAPH), resamples=200)
     plain, authority = summary["framings"]["plain"], summary["framings"]["authority"]
     assert plain["recall"]["mean"] == 0.5 and authority["recall"]["mean"] == 1.0

@@ -3,7 +3,9 @@
 The default judge is deterministic and grounded in the domain graph: a sentence that states
 the gold answer (or an alias of it) is **factual**; otherwise one that asserts a named entity
 that is neither in the domain graph nor in the prompt is **hallucinated** (a named entity is
-a run of capitalised words; a single capitalised word opening a sentence is not one); anything else
+a run of capitalised words; a single capitalised word opening a sentence counts only if it
+never occurs in lower case in the shipped Wikipedia text, so "Beautiful." is no name and
+"Calcutta." is one); anything else
 (other entities of the domain, or none) is **non-factual**. A response gets the share of its
 sentences in each label, and ``recall`` = it states the gold answer somewhere. An optional
 model judge asks a local causal LM the same question, per sentence, through the same
@@ -16,6 +18,7 @@ interface.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +37,14 @@ _NOT_NAMES = {
     "today", "sorry", "unfortunately", "thank", "thanks", "hello", "hi", "oh", "ok", "okay",
 }  # fmt: skip
 _NAME = re.compile(r"\b[A-Z][\w'’-]*(?:\s+(?:of|the|de|la|and)?\s*[A-Z][\w'’-]*)*")
+
+
+@functools.cache
+def common_words() -> frozenset[str]:
+    """Words that occur in lower case in the shipped Wikipedia text (so are not only names)."""
+    from optlab.core.data import wiki_text
+
+    return frozenset(re.findall(r"\b[a-z][a-z'-]*\b", wiki_text()))
 
 
 def sentences(text: str) -> list[str]:
@@ -85,8 +96,9 @@ class GraphJudge:
         found = []
         first = re.search(r"\w", sentence)
         for match in _NAME.finditer(sentence):
-            if first and match.start() == first.start() and " " not in match.group(0):
-                continue  # one capitalised word opening a sentence: grammar, not a name
+            opening = first is not None and match.start() == first.start()
+            if opening and " " not in match.group(0) and match.group(0).lower() in common_words():
+                continue  # a common word capitalised because it opens the sentence
             words = [w for w in match.group(0).split() if w.casefold() not in _NOT_NAMES]
             name = " ".join(words).strip(" '’-")
             if not name or self.graph.match(name) or name.casefold() in known_text:
@@ -95,6 +107,9 @@ class GraphJudge:
         return found
 
     def label(self, fact: Fact, prompt: str, sentence: str) -> str:
+        if fact.subject and fact.answer.casefold() in fact.subject.casefold():
+            # "Holy See (Vatican City State)" restated is not the answer "Vatican City State".
+            sentence = re.sub(re.escape(fact.subject), " ", sentence, flags=re.IGNORECASE)
         if self._gold_forms(fact.answer).search(sentence):
             return "factual"
         if self.out_of_domain(sentence, prompt):
