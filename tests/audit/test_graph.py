@@ -104,6 +104,7 @@ def test_country_graph_from_the_shipped_records() -> None:
     assert g.weight("France", "Germany") == 1  # their bordering pair
     assert g.weight("France", "euro") == 1 and g.weight("euro", "Europe") > 10
     assert g.match("Is Paris the capital of the USA?") == ["Paris", "United States"]
+    assert g.match("They pay in EUR, not in DKK, and all is well") == ["euro", "Danish krone"]
     assert g.summary()["units"] > len([k for k in g.kinds.values() if k == "country"])
 
 

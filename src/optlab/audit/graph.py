@@ -253,6 +253,14 @@ def _contains_word(text: str, part: str) -> bool:
 
 
 @functools.cache
+def common_words() -> frozenset[str]:
+    """Words that occur in lower case in the shipped Wikipedia text (so are not only names)."""
+    from optlab.core.data import wiki_text
+
+    return frozenset(re.findall(r"\b[a-z][a-z'-]*\b", wiki_text()))
+
+
+@functools.cache
 def country_names() -> dict[str, Any]:
     """The shipped names of currency / language codes and country aliases (plain JSON)."""
     text = resources.files("optlab.audit").joinpath("data/country_names.json").read_text("utf-8")
@@ -264,7 +272,7 @@ def country_units(
 ) -> tuple[list[list[str]], dict[str, str], dict[str, list[str]]]:
     """The units of the country domain: one per record (country, capital, currencies,
     languages, region, subregion) and one per pair of bordering countries; with each entity's
-    kind and the alias map."""
+    kind and the alias map (short country names, currency names and ISO currency codes)."""
     from optlab.core.data import country_records
 
     records = country_records() if records is None else records
@@ -294,8 +302,12 @@ def country_units(
             if code in by_iso and by_iso[code] != record["name"]:
                 pairs.add(_key(record["name"], by_iso[code]))
     units += [list(pair) for pair in sorted(pairs)]
-    aliases = {n: a for n, a in {**names["country_aliases"], **names["currency_aliases"]}.items()
-               if n in kinds}  # fmt: skip
+    aliases = {n: list(a) for n, a in {**names["country_aliases"],
+               **names["currency_aliases"]}.items() if n in kinds}  # fmt: skip
+    # ISO codes name currencies too ("EUR"), unless the code is also a word ("ALL", "TOP").
+    for code, name in names["currencies"].items():
+        if name in kinds and code.lower() not in common_words():
+            aliases.setdefault(name, []).append(code)
     return units, kinds, aliases
 
 

@@ -18,13 +18,12 @@ interface.
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from optlab.audit.graph import DomainGraph
+from optlab.audit.graph import DomainGraph, common_words
 from optlab.audit.probes import Fact
 
 LABELS = ("factual", "non-factual", "hallucinated")
@@ -37,14 +36,6 @@ _NOT_NAMES = {
     "today", "sorry", "unfortunately", "thank", "thanks", "hello", "hi", "oh", "ok", "okay",
 }  # fmt: skip
 _NAME = re.compile(r"\b[A-Z][\w'’-]*(?:\s+(?:of|the|de|la|and)?\s*[A-Z][\w'’-]*)*")
-
-
-@functools.cache
-def common_words() -> frozenset[str]:
-    """Words that occur in lower case in the shipped Wikipedia text (so are not only names)."""
-    from optlab.core.data import wiki_text
-
-    return frozenset(re.findall(r"\b[a-z][a-z'-]*\b", wiki_text()))
 
 
 def sentences(text: str) -> list[str]:
