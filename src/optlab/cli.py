@@ -28,10 +28,10 @@ MODEL is one of:
 """
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _common(parser: argparse.ArgumentParser, seed: int = 0) -> None:
     group = parser.add_argument_group("common options")
     group.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-    group.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    group.add_argument("--seed", type=int, default=seed, help=f"random seed (default {seed})")
     group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     group.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -220,7 +220,112 @@ def build_parser() -> argparse.ArgumentParser:
     _output_options(demo, required=False, what="run directory (default runs/demo-<time>)")
     demo.add_argument("--limit", type=_positive, default=20, help="perplexity windows (20)")
     demo.set_defaults(handler=cmd_demo)
+    _audit_commands(commands)
     return parser
+
+
+def _audit_commands(commands: argparse._SubParsersAction) -> None:
+    audit = commands.add_parser(
+        "audit", help="audit unlearning: metric reliability (UQS), persuasion probes (SKeB)",
+        description="Did unlearning really forget, and can its numbers be trusted?",
+    )  # fmt: skip
+    kinds = audit.add_subparsers(dest="audit", required=True, metavar="AUDIT")
+
+    reliability = kinds.add_parser(
+        "reliability", help="do the unlearning metrics agree; which method is best by UQS",
+        description="Analyse a table of unlearning runs (the runs.csv of `optlab unlearn sweep`:\n"
+        "run_id,dataset,seed,method,FA,RA,MIA,AD,JS,distance) as in arXiv 2605.02206:\n"
+        "  1. per (dataset, seed) group, Kendall tau between the method rankings of each pair\n"
+        "     of metrics (stable ties), mean over groups and a t-test against 0\n"
+        "  2. pooled Kendall tau-b over all runs, per pair and on average\n"
+        "  3. Spearman rho of each metric with -distance to the oracle (reliability)\n"
+        "  4. weights w = max(rho, 0.01), normalised (full data, or 5-fold --weights cv)\n"
+        "  5. the Unified Quality Score per method and the ranking\n"
+        "  6. stability: ranking tau under --trials Dirichlet(1) weightings\n"
+        "Writes metrics.json, report.md and plots (tau heatmap, rho bars, UQS ranking).\n"
+        "example: optlab audit reliability runs/sweep/runs.csv --out runs/reliability",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    _common(reliability, seed=42)
+    reliability.add_argument("runs", metavar="RUNS.csv", help="table of unlearning runs")
+    reliability.add_argument(
+        "--weights",
+        default="full",
+        choices=["full", "cv"],
+        help="rho on all runs (published) or 5-fold CV (default full)",
+    )
+    reliability.add_argument(
+        "--trials", type=int, default=100, help="Dirichlet weightings for the stability check (100)"
+    )
+    _output_options(reliability, required=True)
+    reliability.set_defaults(handler=cmd_audit_reliability)
+
+    graph = kinds.add_parser(
+        "graph", help="build a domain graph (entity co-occurrence) and save it as JSON",
+        description="Build the co-occurrence graph of a domain: the shipped country records\n"
+        "(--domain countries) or a corpus with an entity list and an alias map. Node\n"
+        "frequency = units naming the entity; edge weight = units naming both. Prints the\n"
+        "summary; `optlab audit skeb ... --domain GRAPH.json` uses the saved graph.\n"
+        "example: optlab audit graph --corpus book.txt --entities names.txt --aliases\n"
+        "         aliases.json --unit-regex '^CHAPTER' --out book-graph.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    _common(graph)
+    graph.add_argument("--domain", help="a built-in domain (countries)")
+    graph.add_argument("--corpus", help=".txt corpus; units are blank-line separated documents")
+    graph.add_argument("--entities", help="entity names, one per line")
+    graph.add_argument("--aliases", help='JSON object: {"name": ["alias", ...]}')
+    graph.add_argument("--unit-regex", help="split units at this regex instead (e.g. ^CHAPTER)")
+    graph.add_argument("--out", required=True, help="graph JSON file to write")
+    graph.add_argument("--force", action="store_true", help="replace an existing --out")
+    graph.set_defaults(handler=cmd_audit_graph)
+
+    skeb = kinds.add_parser(
+        "skeb", help="persuasion probes: do framed questions bring forgotten facts back",
+        description="Ask each forgotten fact plainly and in emotional, logical and authority\n"
+        "framings, judge every answer against the domain graph (factual / non-factual /\n"
+        "hallucinated per sentence), and report per framing the recall with bootstrap CIs,\n"
+        "the relative recovery vs the plain question, and OLS of each behaviour on the\n"
+        "prompt's entanglement metrics M1-M9 (Shah & Le, arXiv 2510.25732).\n"
+        "Facts: --prompts FILE, else --forgotten RUN_OR_FILE, else MODEL_OR_RUN/forget.jsonl,\n"
+        "else the capital of every country (domain countries).\n"
+        "example: optlab audit skeb runs/unlearned --base default --limit 20 --out runs/skeb",
+        epilog=EPILOG_MODELS, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    _common(skeb)
+    skeb.add_argument("model", metavar="MODEL_OR_RUN", help="the (unlearned) model to audit")
+    skeb.add_argument(
+        "--domain",
+        default="countries",
+        help="countries, or a graph .json written by optlab (default countries)",
+    )
+    skeb.add_argument(
+        "--forgotten",
+        metavar="RUN_OR_FILE",
+        help="unlearning run (its forget.jsonl) or .jsonl of question/answer",
+    )
+    skeb.add_argument(
+        "--prompts",
+        metavar="FILE.jsonl",
+        help="prompts written elsewhere: question, answer, framing, prompt",
+    )
+    skeb.add_argument("--templates", metavar="DIR", help="extra or replacement framing files")
+    skeb.add_argument("--limit", type=_positive, help="probe only the first N facts")
+    skeb.add_argument("--base", metavar="MODEL", help="also probe this model and compare")
+    skeb.add_argument(
+        "--variants",
+        metavar="M1,M2",
+        default="",
+        help="also probe these (e.g. compressed copies of the unlearned model)",
+    )
+    skeb.add_argument("--judge", default="graph", help="graph (default) or a judge MODEL")
+    skeb.add_argument("--format", default="qa", dest="prompt_format",
+                      help="qa ('### Question: ...\\n ### Answer:', as unlearning trains), raw, "
+                      "or a string with {prompt}")  # fmt: skip
+    skeb.add_argument("--max-new-tokens", type=_positive, default=40, help="default 40")
+    skeb.add_argument("--batch-size", type=_positive, default=8, help="default 8")
+    _output_options(skeb, required=True)
+    skeb.set_defaults(handler=cmd_audit_skeb)
 
 
 def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
@@ -298,6 +403,39 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     return quantize_to_run(
         lm, config, args.out, force=args.force, eval_seq_len=args.eval_seq_len,
         eval_limit=args.eval_limit, evaluate=not args.no_eval,
+    )  # fmt: skip
+
+
+def cmd_audit_reliability(args: argparse.Namespace) -> dict[str, Any]:
+    from optlab.audit.reliability import reliability_to_run
+
+    return reliability_to_run(args.runs, args.out, weights=args.weights, trials=args.trials,
+                              seed=args.seed, force=args.force)  # fmt: skip
+
+
+def cmd_audit_graph(args: argparse.Namespace) -> dict[str, Any]:
+    from optlab.audit.graph import graph_from_files, load_domain
+
+    _refuse_existing(args.out, args.force)
+    if bool(args.domain) == bool(args.corpus):
+        raise OptlabError("give --domain countries, or --corpus FILE with --entities FILE")
+    if args.corpus and not args.entities:
+        raise OptlabError("--corpus needs --entities FILE (one entity name per line)")
+    graph = load_domain(args.domain) if args.domain else graph_from_files(
+        args.corpus, args.entities, args.aliases, args.unit_regex)  # fmt: skip
+    return {**graph.summary(), "graph": str(graph.save(args.out))}
+
+
+def cmd_audit_skeb(args: argparse.Namespace) -> dict[str, Any]:
+    from optlab.audit.skeb import audit_skeb
+
+    return audit_skeb(
+        args.model, args.out, domain=args.domain, forgotten=args.forgotten,
+        prompts=args.prompts, templates=args.templates, limit=args.limit, base=args.base,
+        variants=[v for v in args.variants.split(",") if v],
+        judge=args.judge, prompt_format=args.prompt_format,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+        device=args.device, dtype=args.dtype, force=args.force,
     )  # fmt: skip
 
 
