@@ -81,9 +81,11 @@ def answer_correct(prediction: str, gold: str) -> bool:
 
 
 def answers(scorer: Scorer, examples: Sequence[Example], max_new_tokens: int) -> list[str]:
-    """Greedy answers to each question, cut at the end of the answer line."""
+    """Greedy answers to each question: the first non-blank line (models often start their
+    answer on a new line), cut before any ``###`` marker."""
     prompts = [e.prompt for e in examples]
-    return scorer.generate(prompts, until=["\n", "###"], max_new_tokens=max_new_tokens)
+    texts = scorer.generate(prompts, until=["###"], max_new_tokens=max_new_tokens)
+    return [(text.strip().splitlines() or [""])[0].strip() for text in texts]
 
 
 def qa_accuracy(scorer: Scorer, examples: Sequence[Example], max_new_tokens: int = 50) -> float:

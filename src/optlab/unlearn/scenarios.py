@@ -1,7 +1,7 @@
 """Two demo scenarios built from shipped data (the papers' data sets are not obtainable
 offline), plus the user's own files.
 
-- ``facts``: questions about the countryinfo records (capital, currency code, demonym),
+- ``facts``: questions about the countryinfo records (capital, ISO currency code),
   kept only where the model answers correctly before unlearning; whole countries go to the
   forget set, others to a held-out set (non-members for the attacks), the rest are retained.
 - ``book``: passages of the Crime and Punishment excerpt gensim ships (the only book text
@@ -30,11 +30,11 @@ from optlab.unlearn.metrics import answer_correct, answers
 log = logging.getLogger("optlab")
 
 SCENARIOS = ("facts", "book")
-# Record field -> question template; answers are the record's value.
+# Record field -> question template; answers are the record's value. No demonyms: under the
+# "contains" rule, echoing the country name ("Afghanistan") would pass for "Afghan".
 FACT_TEMPLATES = {
     "capital": "What is the capital of {name}?",
     "currency": "What is the ISO currency code of {name}?",
-    "demonym": "What is the demonym for people from {name}?",
 }
 
 
@@ -58,7 +58,6 @@ def country_questions() -> list[tuple[str, Example]]:
         values = {
             "capital": record.get("capital"),
             "currency": (record.get("currencies") or [None])[0],
-            "demonym": record.get("demonym"),
         }
         for key, template in FACT_TEMPLATES.items():
             if values[key]:
@@ -67,10 +66,13 @@ def country_questions() -> list[tuple[str, Example]]:
 
 
 def known_facts(
-    lm: LoadedModel, max_new_tokens: int = 16, progress: bool = True
+    lm: LoadedModel,
+    max_new_tokens: int = 16,
+    progress: bool = True,
+    questions: list[tuple[str, Example]] | None = None,
 ) -> list[tuple[str, Example]]:
-    """The country questions the model answers correctly (greedy) as it is."""
-    questions = country_questions()
+    """The country questions (default: all) the model answers correctly (greedy) as it is."""
+    questions = questions if questions is not None else country_questions()
     scorer = Scorer(lm, batch_size=16, progress=progress)
     predictions = answers(scorer, [e for _, e in questions], max_new_tokens)
     known = [
