@@ -122,7 +122,7 @@ def unlearn_to_run(
             save_examples(run.dir / f"{name}.jsonl", getattr(data, name))
         oracle, info = prepare(lm, data, config, teach, progress)
         metrics = _measure(lm, oracle, data, config, eval_config, harm, progress)
-        metrics |= {"scenario": data.name, **data.info, **info}
+        metrics |= {"scenario": data.name, **data.info, **info, **_untaught(info)}
         metrics.update(peak_memory_gb())
         run.add_metrics(metrics)
         run.save_text("report.md", report(metrics))
@@ -151,7 +151,14 @@ def _measure(
     after = evaluate_model(lm, *sets, eval_config, oracle=oracle.model, harm=harm,
                            trained=result.trained, progress=progress)  # fmt: skip
     training = {k: v for k, v in result.metrics.items() if k != "losses"}
-    return {**after, "base": base, "training": training, "losses": result.metrics["losses"]}
+    return {**after, "train_seconds": result.metrics["train_seconds"], "base": base,
+            "training": training, "losses": result.metrics["losses"]}  # fmt: skip
+
+
+def _untaught(info: dict[str, Any]) -> dict[str, Any]:
+    """Memorisation before teaching (book scenario) as flat ``untaught_*`` metrics."""
+    before = info.get("memorisation_before_teaching", {})
+    return {f"untaught_{k}": v for k, v in before.items()}
 
 
 def sweep(
@@ -206,6 +213,7 @@ def sweep(
                 method_config = replace(seeded, method=method)
                 metrics = _measure(lm, oracle, data, method_config, eval_config, None, progress,
                                    base=base)  # fmt: skip
+                metrics |= _untaught(info)
                 with Run(run.dir / run_id, config={**run_config, "method": method, "seed": seed},
                          seed=seed, device=str(lm.device), dtype=dtype) as sub:  # fmt: skip
                     sub.add_metrics({**metrics, "scenario": data.name, **data.info, **info})

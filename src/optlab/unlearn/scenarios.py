@@ -33,7 +33,7 @@ SCENARIOS = ("facts", "book")
 # Record field -> question template; answers are the record's value. No demonyms: under the
 # "contains" rule, echoing the country name ("Afghanistan") would pass for "Afghan".
 FACT_TEMPLATES = {
-    "capital": "What is the capital of {name}?",
+    "capital": "What is the capital city of {name}?",  # SmolLM2 knows more than with "capital"
     "currency": "What is the ISO currency code of {name}?",
 }
 
@@ -60,8 +60,10 @@ def country_questions() -> list[tuple[str, Example]]:
             "currency": (record.get("currencies") or [None])[0],
         }
         for key, template in FACT_TEMPLATES.items():
-            if values[key]:
-                out.append((record["name"], Example(str(values[key]), template.format(**record))))
+            question = template.format(**record)
+            # An answer inside its question (Luxembourg, Singapore) is "known" by echoing it.
+            if values[key] and str(values[key]).lower() not in question.lower():
+                out.append((record["name"], Example(str(values[key]), question)))
     return out
 
 
@@ -85,8 +87,8 @@ def known_facts(
 def facts_scenario(
     lm: LoadedModel,
     seed: int = 0,
-    forget_fraction: float = 0.1,
-    holdout_fraction: float = 0.1,
+    forget_fraction: float = 0.2,
+    holdout_fraction: float = 0.2,
     known: list[tuple[str, Example]] | None = None,
     progress: bool = True,
 ) -> Scenario:
