@@ -26,15 +26,15 @@ def test_sweep_writes_the_documented_columns_and_retain_only_is_the_oracle(
     lm = load_model(str(taught_model))
     known = known_facts(lm, max_new_tokens=8, progress=False, questions=capital_questions(24))
     config = UnlearnConfig(steps=2, lr=1e-3)
-    result = sweep(lm, ["ga", "retain_only"], [1, 2], tmp_path / "sweep", config=config,
+    result = sweep(lm, ["ga", "retain_only"], [1], tmp_path / "sweep", config=config,
                    eval_config=QUICK_EVAL, scenario_options={"known": known},
                    progress=False)  # fmt: skip
     with open(result["runs_csv"], newline="") as f:
         reader = csv.DictReader(f)
         rows = list(reader)
     assert tuple(reader.fieldnames[: len(RUNS_COLUMNS)]) == RUNS_COLUMNS
-    assert [(r["method"], r["seed"]) for r in rows] == [
-        ("ga", "1"), ("retain_only", "1"), ("ga", "2"), ("retain_only", "2")]  # fmt: skip
+    assert [(r["run_id"], r["method"], r["seed"]) for r in rows] == [
+        ("ga-seed1", "ga", "1"), ("retain_only-seed1", "retain_only", "1")]  # fmt: skip
     assert {r["dataset"] for r in rows} == {"facts"}
     for row in rows:
         for column in RUNS_COLUMNS[4:]:

@@ -150,6 +150,17 @@ def test_the_suite_reports_every_metric(lm) -> None:
     for key in ("FA", "RA", "MIA", "AD", "JS", "distance", "ppl", "mia_loss", "mia_minkpp"):
         assert key in metrics and not math.isnan(metrics[key]), key
     assert metrics["AD"] == pytest.approx(0.0, abs=1e-6) and metrics["distance"] == 0.0
+    assert metrics["JS"] == pytest.approx(0.0, abs=1e-9)
+
+    class EveryOther:  # stands in for the MiniLM classifier: sees the held-out answers
+        def rate(self, texts):
+            seen.extend(texts)
+            return 0.5
+
+    seen: list[str] = []
+    harm = evaluate_model(lm, QA[:6], QA[6:], QA[3:9], config, harm=EveryOther(),
+                          perplexity=False)  # fmt: skip
+    assert harm["harmful_rate"] == 0.5 and len(seen) == 6
     docs = evaluate_model(lm, DOCS[:4], DOCS[4:], DOCS[4:], config, perplexity=False)
     assert 0 <= docs["exact_match"] <= 1 and 0 <= docs["rougeL"] <= 1
     assert math.isnan(docs["FA"])  # documents have no questions to answer

@@ -150,6 +150,8 @@ def _measure(
     result = unlearn(lm, data.forget, data.retain, config, progress=progress)
     after = evaluate_model(lm, *sets, eval_config, oracle=oracle.model, harm=harm,
                            trained=result.trained, progress=progress)  # fmt: skip
+    if base.get("harmful_rate"):  # relative reduction; the base rate is reported beside it
+        after["harm_reduction"] = 1 - after["harmful_rate"] / base["harmful_rate"]
     training = {k: v for k, v in result.metrics.items() if k != "losses"}
     return {**after, "train_seconds": result.metrics["train_seconds"], "base": base,
             "training": training, "losses": result.metrics["losses"]}  # fmt: skip
