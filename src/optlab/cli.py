@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Evaluate MODEL (or the model of a run directory) on tasks:\n"
         "  ppl:wiki ppl:book ppl:code ppl:FILE.txt   perplexity, non-overlapping windows\n"
         "  mc:sentiment mc:analogy mc:FILE.jsonl     multiple-choice accuracy\n"
+        "  unlearn:RUN                               FA, RA, MIA, AUCs, ppl on an unlearn run's\n"
+        "                                            data (--limit: samples, default 100)\n"
         "example: optlab eval default --tasks ppl:wiki --seq-len 512 --limit 40",
     )  # fmt: skip
     evaluate.add_argument("model", metavar="MODEL_OR_RUN")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import pytest
 
@@ -50,21 +51,30 @@ def test_sweep_writes_the_documented_columns_and_retain_only_is_the_oracle(
 def test_cli_unlearns_user_files_and_writes_the_suite(taught_model, tmp_path, capsys) -> None:
     pairs = [e for _, e in capital_questions(16)]
     forget, retain = tmp_path / "forget.jsonl", tmp_path / "retain.jsonl"
+    holdout = tmp_path / "holdout.txt"  # documents work as well as pairs
     forget.write_text("".join(json.dumps(e.to_json()) + "\n" for e in pairs[:4]))
-    retain.write_text("".join(json.dumps(e.to_json()) + "\n" for e in pairs[4:]))
+    retain.write_text("".join(json.dumps(e.to_json()) + "\n" for e in pairs[4:12]))
+    holdout.write_text("\n\n".join(e.text for e in pairs[12:]))
     out = tmp_path / "run"
     argv = ["unlearn", str(taught_model), "--forget", str(forget), "--retain", str(retain),
-            "--method", "graddiff", "--lora", "--steps", "3", "--lr", "1e-2", "--out", str(out),
-            "--json", *EVAL_FLAGS]  # fmt: skip
+            "--holdout", str(holdout), "--method", "graddiff", "--lora", "--steps", "3",
+            "--lr", "1e-2", "--out", str(out), "--json", *EVAL_FLAGS]  # fmt: skip
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     for key in ("FA", "RA", "MIA", "AD", "JS", "distance", "ppl", "mia_minkpp"):
         assert key in result and key in result["base"]
+        assert not math.isnan(result[key]), key
     assert result["training"]["optimizer_steps"] == 3
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["FA"] == result["FA"] and (out / "model" / "config.json").exists()
     assert (out / "forget.jsonl").read_text() == forget.read_text()
     assert load_model(str(out)).model is not None
+    # The same data, re-scored through `optlab eval`: the attacks are deterministic.
+    assert main(["eval", str(out), "--tasks", f"unlearn:{out}", "--limit", "8", "--seq-len",
+                 "64", "--json"]) == 0  # fmt: skip
+    scored = json.loads(capsys.readouterr().out)["tasks"][f"unlearn:{out}"]
+    assert scored["mia_loss"] == pytest.approx(result["mia_loss"])
+    assert scored["MIA"] == pytest.approx(result["MIA"])
     # The run exists: refused before any work, nothing lost.
     assert main(argv) == 2
     assert "exists" in capsys.readouterr().err
