@@ -8,7 +8,8 @@ nor padding count. Signs: a loss is *minimised*, so gradient ascent on the forge
 ==============  ==========================================================================
 ``ga``          -CE(forget)
 ``ga_kl_rand``  0.5 * -CE(forget) + CE(random retain answer | forget question)
-                + KL(p_orig || p_cur) on retain tokens (Yao et al. 2023)
+                + KL(p_orig || p_cur) on retain tokens (Yao et al. 2023; a document has
+                no question, so its "random answers" are retain texts on their own)
 ``graddiff``    -CE(forget) + CE(retain)
 ``npo``         -2/β · mean log σ(-β (log π(a|q) - log π_ref(a|q))) + CE(retain)
                 (Zhang et al. 2024, sequence log-likelihoods; open-unlearning's form)
@@ -37,7 +38,7 @@ class LossInputs:
     """What a loss may use; ``reference`` is the frozen model before unlearning."""
 
     model: nn.Module
-    forget: Batch
+    forget: Batch | None  # None only for retain_only
     retain: Batch | None = None
     random: Batch | None = None  # forget questions with random retain answers
     reference: nn.Module | None = None
