@@ -41,6 +41,8 @@ def sweep(args: argparse.Namespace, scenario: str, work: Path) -> list[dict]:
              str(args.max_new_tokens)]  # fmt: skip
     if args.lora:
         flags.append("--lora")
+    if scenario == "book":
+        flags += ["--teach-steps", str(args.teach_steps), "--teach-lr", str(args.teach_lr)]
     result = optlab("unlearn", "sweep", args.model, "--scenario", scenario, *flags,
                     "--out", str(work / scenario))  # fmt: skip
     return result["rows"]
@@ -82,6 +84,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--lora", action="store_true")
+    parser.add_argument("--teach-steps", type=int, default=100, help="book: LoRA teaching")
+    parser.add_argument("--teach-lr", type=float, default=1e-3)
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--max-new-tokens", type=int, default=50)
     parser.add_argument("--eval-limit", type=int, default=20)

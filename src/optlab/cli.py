@@ -265,6 +265,13 @@ def _unlearn_parser(command: Callable[..., argparse.ArgumentParser]) -> None:
     train.add_argument("--lr", type=float, default=2e-6, help="AdamW learning rate (2e-6)")
     train.add_argument("--batch-size", type=_positive, default=2, help="examples per set (2)")
     train.add_argument("--beta", type=float, default=1.0, help="NPO beta (1)")
+    train.add_argument(
+        "--teach-steps",
+        type=_positive,
+        default=100,
+        help="book: LoRA steps that teach the passages first (100)",
+    )
+    train.add_argument("--teach-lr", type=float, default=1e-3, help="book: teaching lr (1e-3)")
     train.add_argument("--stop-forget-ce", type=float, help="stop once forget CE exceeds this")
     evaluation = unl.add_argument_group("evaluation")
     evaluation.add_argument("--samples", type=_positive, default=100, help="RA/MIA/AD/JS (100)")
@@ -289,7 +296,9 @@ def _unlearn_parser(command: Callable[..., argparse.ArgumentParser]) -> None:
 
 
 def cmd_unlearn(args: argparse.Namespace) -> dict[str, Any]:
-    from optlab.unlearn.job import sweep, unlearn_to_run
+    from dataclasses import replace
+
+    from optlab.unlearn.job import TEACH, sweep, unlearn_to_run
     from optlab.unlearn.metrics import EvalConfig
     from optlab.unlearn.trainer import UnlearnConfig
 
@@ -300,8 +309,9 @@ def cmd_unlearn(args: argparse.Namespace) -> dict[str, Any]:
     eval_config = EvalConfig(max_new_tokens=args.max_new_tokens, samples=args.samples,
                              js_mode=args.js, ppl_limit=args.eval_limit,
                              ppl_seq_len=args.eval_seq_len)  # fmt: skip
+    teach = replace(TEACH, steps=args.teach_steps, lr=args.teach_lr)
     _refuse_existing(args.out, args.force)
-    common = dict(eval_config=eval_config, force=args.force, dtype=args.dtype,
+    common = dict(eval_config=eval_config, teach=teach, force=args.force, dtype=args.dtype,
                   device=args.device)  # fmt: skip
     if args.model == "sweep":
         if not args.sweep_model:

@@ -173,6 +173,7 @@ def sweep(
     config: UnlearnConfig | None = None,
     eval_config: EvalConfig | None = None,
     scenario_options: dict[str, Any] | None = None,
+    teach: UnlearnConfig = TEACH,
     force: bool = False,
     dtype: str = "float32",
     device: str = "cpu",
@@ -204,7 +205,7 @@ def sweep(
             data = get_scenario(scenario, base_lm, seed, **options)
             seeded = replace(config, seed=seed)
             taught = _with_model(base_lm, copy.deepcopy(base_lm.model))
-            oracle, info = prepare(taught, data, seeded, progress=progress)
+            oracle, info = prepare(taught, data, seeded, teach, progress=progress)
             base = evaluate_model(taught, data.forget, data.retain, data.holdout, eval_config,
                                   oracle=oracle.model, progress=progress,
                                   trained=trained_names(taught.model, config.lora))  # fmt: skip
