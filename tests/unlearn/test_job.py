@@ -25,7 +25,9 @@ def test_sweep_writes_the_documented_columns_and_retain_only_is_the_oracle(
     taught_model, tmp_path
 ) -> None:
     lm = load_model(str(taught_model))
-    known = known_facts(lm, max_new_tokens=8, progress=False, questions=capital_questions(24))
+    known = known_facts(
+        lm, max_new_tokens=8, progress=False, questions=capital_questions(24), cache=False
+    )
     config = UnlearnConfig(steps=2, lr=1e-3)
     result = sweep(lm, ["ga", "retain_only"], [1], tmp_path / "sweep", config=config,
                    eval_config=QUICK_EVAL, scenario_options={"known": known},

@@ -81,7 +81,7 @@ def test_config_and_data_errors() -> None:
 def test_a_few_ga_steps_lower_forget_accuracy_on_the_facts_scenario(taught_model) -> None:
     lm = load_model(str(taught_model))
     asked = capital_questions(40)  # the 16 taught and 24 the model does not know
-    known = known_facts(lm, max_new_tokens=12, progress=False, questions=asked)
+    known = known_facts(lm, max_new_tokens=12, progress=False, questions=asked, cache=False)
     assert 10 <= len(known) < len(asked)
     scenario = facts_scenario(lm, seed=0, forget_fraction=0.25, known=known)
     scorer = Scorer(lm, progress=False)
@@ -90,3 +90,22 @@ def test_a_few_ga_steps_lower_forget_accuracy_on_the_facts_scenario(taught_model
     unlearn(lm, scenario.forget, None, UnlearnConfig(method="ga", steps=5, lr=1e-3),
             progress=False)  # fmt: skip
     assert qa_accuracy(scorer, scenario.forget, 12) <= 0.25
+
+
+def test_known_facts_are_cached_by_weights(taught_model, tmp_path, monkeypatch) -> None:
+    import optlab.unlearn.scenarios as scenarios
+
+    monkeypatch.setenv("OPTLAB_CACHE", str(tmp_path))
+    lm = load_model(str(taught_model))
+    asked = capital_questions(20)
+    first = known_facts(lm, max_new_tokens=12, progress=False, questions=asked)
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("answers were generated again")
+
+    monkeypatch.setattr(scenarios, "answers", no_generation)
+    assert known_facts(lm, max_new_tokens=12, progress=False, questions=asked) == first
+    with torch.no_grad():
+        next(lm.model.parameters()).add_(1.0)  # other weights: another cache entry
+    with pytest.raises(AssertionError, match="generated again"):
+        known_facts(lm, max_new_tokens=12, progress=False, questions=asked)

@@ -16,12 +16,18 @@ offline), plus the user's own files.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
 
 from optlab.core.data import book_text, country_records, load_text
-from optlab.core.models import LoadedModel
+from optlab.core.models import LoadedModel, cache_dir
+from optlab.core.run import atomic_write
 from optlab.errors import OptlabError, did_you_mean
 from optlab.eval.scorer import Scorer
 from optlab.unlearn.data import Example, passages
@@ -72,16 +78,41 @@ def known_facts(
     max_new_tokens: int = 16,
     progress: bool = True,
     questions: list[tuple[str, Example]] | None = None,
+    cache: bool = True,
 ) -> list[tuple[str, Example]]:
-    """The country questions (default: all) the model answers correctly (greedy) as it is."""
+    """The country questions (default: all) the model answers correctly (greedy) as it is.
+
+    Greedy answers to ~500 questions take minutes on a CPU, so the result is cached under
+    ``$OPTLAB_CACHE/unlearn``, keyed by a digest of the weights, the questions and the budget.
+    """
     questions = questions if questions is not None else country_questions()
+    path = _known_cache(lm, questions, max_new_tokens) if cache else None
+    if path is not None and path.exists():
+        return [(c, Example(a, q)) for c, q, a in json.loads(path.read_text(encoding="utf-8"))]
     scorer = Scorer(lm, batch_size=16, progress=progress)
     predictions = answers(scorer, [e for _, e in questions], max_new_tokens)
     known = [
         q for q, p in zip(questions, predictions, strict=True) if answer_correct(p, q[1].answer)
     ]
     log.info("the model answers %d of %d country questions correctly", len(known), len(questions))
+    if path is not None:
+        atomic_write(path, json.dumps([(c, e.question, e.answer) for c, e in known]))
     return known
+
+
+def _known_cache(
+    lm: LoadedModel, questions: list[tuple[str, Example]], max_new_tokens: int
+) -> Path:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(lm.model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(
+            tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
+        )
+    digest.update(lm.tokenizer.__class__.__name__.encode())
+    digest.update(json.dumps([(c, e.to_json()) for c, e in questions]).encode())
+    digest.update(str(max_new_tokens).encode())
+    return cache_dir() / "unlearn" / f"known-facts-{digest.hexdigest()[:16]}.json"
 
 
 def facts_scenario(
