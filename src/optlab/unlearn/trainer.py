@@ -159,6 +159,8 @@ def unlearn(
     if config.lora:
         add_qv_adapters(model, config.rank, config.alpha)
     accelerator = make_accelerator(config.grad_accum)
+    if reference is not None:  # accelerate may move the trained model to its own device
+        reference.to(accelerator.device)
     rank = accelerator.process_index
     # Each process draws its own stream; the same seed on one process reproduces a run.
     forget_draw = _Sampler(forget, config.seed * 1000 + rank)
