@@ -35,8 +35,9 @@ def direct_answer_logprobs(lm, example: Example) -> list[float]:
 
 
 def direct_ce(lm, examples) -> float:
-    values = [lp for e in examples for lp in direct_answer_logprobs(lm, e)]
-    return -sum(values) / len(values)
+    """Mean over examples of each answer's mean token cross-entropy."""
+    per_example = [direct_answer_logprobs(lm, e) for e in examples]
+    return -sum(sum(v) / len(v) for v in per_example) / len(per_example)
 
 
 def test_labels_cover_exactly_the_answer_tokens_whatever_the_pad_id(lm) -> None:

@@ -2,8 +2,8 @@
 (for ``ga_kl_rand``) forget questions paired with random retain answers.
 
 All token losses are means over answer tokens (labels != -100), so neither question tokens
-nor padding count. Signs: a loss is *minimised*, so gradient ascent on the forget set is
-``-CE(forget)``.
+nor padding count; each answer weighs the same in a batch. Signs: a loss is *minimised*, so
+gradient ascent on the forget set is ``-CE(forget)``.
 
 ==============  ==========================================================================
 ``ga``          -CE(forget)
@@ -59,9 +59,10 @@ def token_logprobs(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.
 
 
 def answer_ce(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Mean cross-entropy over the answer tokens of the batch (HF's token-mean)."""
+    """Cross-entropy of each answer (mean over its tokens), averaged over the examples: every
+    answer weighs the same whatever its length, as in Yao et al.'s code."""
     logprobs, counted = token_logprobs(model, batch)
-    return -logprobs.sum() / counted.sum().clamp(min=1)
+    return (-logprobs.sum(-1) / counted.sum(-1).clamp(min=1)).mean()
 
 
 def sequence_logprob(model: nn.Module, batch: Batch) -> torch.Tensor:
