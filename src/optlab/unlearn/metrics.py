@@ -9,8 +9,8 @@ Per model (all greedy, all deterministic):
 - ``ppl``: perplexity on ``wiki:eval``.
 - ``mia_loss`` / ``mia_zlib`` / ``mia_mink`` / ``mia_minkpp``: AUC of membership scores,
   forget (members) against held-out examples (non-members); 0.5 = no signal.
-- ``MIA``: uqs.md's logistic-regression attack, the fraction of forget samples it calls
-  non-members (higher = better forgotten).
+- ``MIA``: uqs.md's logistic-regression attack (retain = 1, forget = 0): the fraction of
+  forget samples it tells apart from retain ones (lower is better, uqs.md's direction).
 - ``AD`` / ``JS`` / ``distance``: activation distance, Jensen-Shannon divergence and
   parameter distance to the oracle (a model trained on the retain set only).
 - ``harmful_rate``: share of generations a MiniLM + logistic-regression classifier calls
