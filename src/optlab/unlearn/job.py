@@ -115,7 +115,8 @@ def unlearn_to_run(
     harm = HarmClassifier.from_jsonl(harm_labels) if harm_labels else None
     data = load_scenario(lm, scenario, forget, retain, holdout, seed=config.seed)
     run_config = {"command": "unlearn", "model": lm.spec, "scenario": data.name,
-                  **config_to_dict(config), "eval": config_to_dict(eval_config)}  # fmt: skip
+                  **config_to_dict(config), "eval": config_to_dict(eval_config),
+                  "teach": config_to_dict(teach) if data.teach else None}  # fmt: skip
     with Run(out, config=run_config, seed=config.seed, device=str(lm.device), dtype=dtype,
              force=force) as run:  # fmt: skip
         seed_everything(config.seed)
@@ -197,7 +198,8 @@ def sweep(
         options["known"] = known_facts(base_lm, progress=progress)  # the same for every seed
     run_config = {"command": "unlearn sweep", "model": base_lm.spec, "scenario": scenario,
                   "methods": methods, "seeds": seeds, **config_to_dict(config),
-                  "eval": config_to_dict(eval_config)}  # fmt: skip
+                  "eval": config_to_dict(eval_config),
+                  "teach": config_to_dict(teach) if scenario == "book" else None}  # fmt: skip
     rows: list[dict[str, Any]] = []
     with Run(out, config=run_config, seed=seeds[0], device=str(base_lm.device), dtype=dtype,
              force=force) as run:  # fmt: skip
