@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Evaluate MODEL (or the model of a run directory) on tasks:\n"
         "  ppl:wiki ppl:book ppl:code ppl:FILE.txt   perplexity, non-overlapping windows\n"
         "  mc:sentiment mc:analogy mc:FILE.jsonl     multiple-choice accuracy\n"
+        "  unlearn:RUN                               FA, RA, MIA, AUCs, ppl on an unlearn run's\n"
+        "                                            data (--limit: samples, default 100)\n"
         "example: optlab eval default --tasks ppl:wiki --seq-len 512 --limit 40",
     )  # fmt: skip
     evaluate.add_argument("model", metavar="MODEL_OR_RUN")
@@ -212,10 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     _output_options(quantize, required=True)
     quantize.set_defaults(handler=cmd_quantize)
 
+    _unlearn_parser(command)
+
     demo = command(
         "demo", "the quickstart recipe on the default model",
-        "Load the default model (preparing it once), evaluate it, prune it 50% with Wanda,\n"
-        "evaluate it again and write a run directory with a Markdown report.",
+        "Load the default model (preparing it once), evaluate it, prune it 50% with Wanda and\n"
+        "evaluate it again, quantize a fresh copy to 4.5 bits on average by TDMPQ sensitivity\n"
+        "and evaluate that, and write a run directory with a Markdown report.",
     )  # fmt: skip
     _output_options(demo, required=False, what="run directory (default runs/demo-<time>)")
     demo.add_argument("--limit", type=_positive, default=20, help="perplexity windows (20)")
@@ -437,6 +442,120 @@ def cmd_audit_skeb(args: argparse.Namespace) -> dict[str, Any]:
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
         device=args.device, dtype=args.dtype, force=args.force,
     )  # fmt: skip
+
+
+def _unlearn_parser(command: Callable[..., argparse.ArgumentParser]) -> None:
+    unl = command(
+        "unlearn", "unlearn data from a model (GA family) and measure it: FA, RA, MIA, ...",
+        "Unlearn a forget set from MODEL by gradient ascent and its relatives, train the oracle\n"
+        "(the same budget on the retain set only) and write the metric suite for the base and\n"
+        "the unlearned model: FA, RA, MIA, AD, JS, distance, mia_loss/zlib/mink/minkpp AUCs,\n"
+        "ppl (wiki:eval), rougeL/exact_match (documents), harmful_rate (--harm-labels).\n"
+        "  ga           gradient ascent on the forget answers\n"
+        "  ga_kl_rand   0.5 ascent + random retain answers + KL to the original on retain\n"
+        "  graddiff     ascent on forget + descent on retain\n"
+        "  npo          negative preference optimisation (beta 1) + descent on retain\n"
+        "  retain_only  descent on retain only: the oracle itself\n"
+        "Data: --scenario facts (country questions the model answers), --scenario book (teach\n"
+        "Crime and Punishment passages, then unlearn them), or --forget F --retain R: .jsonl of\n"
+        '{"question","answer"} (or {"text"}) lines, or .txt documents split by blank lines.\n'
+        "Sweep: optlab unlearn sweep MODEL --scenario facts --methods ga,npo --seeds 1,2,3\n"
+        "       --out DIR   (writes DIR/runs.csv, the input of the reliability audit)\n"
+        "example: optlab unlearn default --scenario facts --method graddiff --lr 1e-5\n"
+        "         --steps 100 --out runs/facts-gd",
+    )  # fmt: skip
+    unl.add_argument("model", metavar="MODEL", help="a model, or the word sweep then a model")
+    unl.add_argument("sweep_model", nargs="?", metavar="SWEEP_MODEL", help=argparse.SUPPRESS)
+    data = unl.add_argument_group("data")
+    data.add_argument("--scenario", help="facts or book")
+    data.add_argument("--forget", help="forget set: .jsonl or .txt")
+    data.add_argument("--retain", help="retain set: .jsonl or .txt")
+    data.add_argument("--holdout", help="held-out non-members for the attacks (.jsonl/.txt)")
+    data.add_argument(
+        "--harm-labels", help='.jsonl of {"text","label"} to train the harm classifier'
+    )
+    train = unl.add_argument_group("training")
+    train.add_argument("--method", default="ga_kl_rand", help="default ga_kl_rand")
+    train.add_argument("--methods", help="sweep: comma-separated methods")
+    train.add_argument("--seeds", help="sweep: comma-separated seeds (default: --seed)")
+    train.add_argument("--lora", action="store_true", help="LoRA r32/alpha16 on q,v; merged")
+    train.add_argument("--steps", type=_positive, default=1000, help="optimizer steps (1000)")
+    train.add_argument("--lr", type=float, default=2e-6, help="AdamW learning rate (2e-6)")
+    train.add_argument("--batch-size", type=_positive, default=2, help="examples per set (2)")
+    train.add_argument("--beta", type=float, default=1.0, help="NPO beta (1)")
+    train.add_argument(
+        "--teach-steps",
+        type=_positive,
+        default=100,
+        help="book: LoRA steps that teach the passages first (100)",
+    )
+    train.add_argument("--teach-lr", type=float, default=1e-3, help="book: teaching lr (1e-3)")
+    train.add_argument("--stop-forget-ce", type=float, help="stop once forget CE exceeds this")
+    evaluation = unl.add_argument_group("evaluation")
+    evaluation.add_argument("--samples", type=_positive, default=100, help="RA/MIA/AD/JS (100)")
+    evaluation.add_argument("--max-new-tokens", type=_positive, default=50, help="answers (50)")
+    evaluation.add_argument(
+        "--js",
+        default="aligned",
+        choices=["aligned", "sorted"],
+        help="JS over token-id-aligned top-k (default) or sorted top-k",
+    )
+    evaluation.add_argument(
+        "--eval-limit",
+        type=_positive,
+        default=20,
+        help="wiki:eval perplexity windows of 512 tokens (20)",
+    )
+    evaluation.add_argument("--eval-seq-len", type=_positive, default=512,
+                            help="perplexity window (512)")  # fmt: skip
+    evaluation.add_argument("--no-save", action="store_true", help="do not save the model")
+    _output_options(unl, required=True)
+    unl.set_defaults(handler=cmd_unlearn)
+
+
+def cmd_unlearn(args: argparse.Namespace) -> dict[str, Any]:
+    from dataclasses import replace
+
+    from optlab.unlearn.job import TEACH, sweep, unlearn_to_run
+    from optlab.unlearn.metrics import EvalConfig
+    from optlab.unlearn.trainer import UnlearnConfig
+
+    config = UnlearnConfig(
+        method=args.method, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+        lora=args.lora, beta=args.beta, stop_forget_ce=args.stop_forget_ce, seed=args.seed,
+    )  # fmt: skip
+    eval_config = EvalConfig(max_new_tokens=args.max_new_tokens, samples=args.samples,
+                             js_mode=args.js, ppl_limit=args.eval_limit,
+                             ppl_seq_len=args.eval_seq_len)  # fmt: skip
+    teach = replace(TEACH, steps=args.teach_steps, lr=args.teach_lr)
+    _refuse_existing(args.out, args.force)
+    common = dict(eval_config=eval_config, teach=teach, force=args.force, dtype=args.dtype,
+                  device=args.device)  # fmt: skip
+    if args.model == "sweep":
+        if not args.sweep_model:
+            raise OptlabError("usage: optlab unlearn sweep MODEL --scenario facts --methods ...")
+        if args.forget or args.retain:
+            raise OptlabError("the sweep runs a shipped --scenario (facts or book)")
+        methods = [m.strip() for m in (args.methods or args.method).split(",") if m.strip()]
+        seeds = _int_list(args.seeds) if args.seeds else [args.seed]
+        return sweep(args.sweep_model, methods, seeds, args.out,
+                     scenario=args.scenario or "facts", config=config, **common)  # fmt: skip
+    if args.sweep_model or args.methods or args.seeds:
+        raise OptlabError("--methods/--seeds and a second MODEL belong to `optlab unlearn sweep`")
+    result = unlearn_to_run(
+        args.model, config, args.out, scenario=args.scenario, forget=args.forget,
+        retain=args.retain, holdout=args.holdout, harm_labels=args.harm_labels,
+        save=not args.no_save, **common,
+    )  # fmt: skip
+    result.pop("losses", None)  # in metrics.json; too long for the terminal
+    return result
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise OptlabError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _refuse_existing(out: str | None, force: bool) -> None:

@@ -153,6 +153,8 @@ class Scorer:
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=pad,
+                # Stop decoding once every row has a stop string (the text is cut below).
+                **({"stop_strings": list(until), "tokenizer": tok} if until else {}),
             )
             for row in generated[:, width:]:
                 text = tok.decode(row, skip_special_tokens=True)

@@ -1,4 +1,5 @@
-"""Named evaluation tasks: ``ppl:<corpus>`` and ``mc:<task>`` (plus local files).
+"""Named evaluation tasks: ``ppl:<corpus>`` and ``mc:<task>`` (plus local files), and
+``unlearn:RUN`` (the unlearning metric suite on the data sets of an unlearning run).
 
 A task takes a :class:`Scorer` and returns flat metrics. ``ppl:wiki`` scores the held-out
 Wikipedia part; ``ppl:FILE.txt`` any local text; ``mc:sentiment`` and ``mc:analogy`` are
@@ -114,9 +115,36 @@ def _choice_file(path: Path) -> Task:
     return task
 
 
+def _unlearn_task(folder: Path) -> Task:
+    """The unlearning metric suite (without the oracle's) on the forget / retain / holdout
+    sets an ``optlab unlearn`` run saved, for any model: ``unlearn:RUN``."""
+
+    def task(scorer: Scorer, *, limit: int | None = None, seq_len: int | None = None,
+             **_: Any) -> dict:  # fmt: skip
+        from optlab.core.models import LoadedModel
+        from optlab.unlearn.data import load_examples
+        from optlab.unlearn.metrics import EvalConfig, evaluate_model
+
+        sets = []
+        for part in ("forget", "retain", "holdout"):  # an empty set is saved as an empty file
+            path = folder / f"{part}.jsonl"
+            sets.append(load_examples(path) if path.read_text(encoding="utf-8").strip() else [])
+        lm = LoadedModel(scorer.model, scorer.tokenizer, str(folder))
+        config = EvalConfig(samples=limit or 100, ppl_seq_len=seq_len or 512)
+        return evaluate_model(lm, *sets, config)
+
+    return task
+
+
 def get_task(name: str) -> Task:
-    """A registered task, or ``ppl:``/``mc:`` applied to a local file."""
+    """A registered task, ``ppl:``/``mc:`` applied to a local file, or ``unlearn:RUN``."""
     kind, _, target = name.partition(":")
+    if kind == "unlearn":
+        folder = Path(target).expanduser()
+        if not (folder / "forget.jsonl").is_file():
+            raise OptlabError(f"task {name!r}: give an optlab unlearn run, as unlearn:RUN "
+                              "(it holds forget.jsonl, retain.jsonl, holdout.jsonl)")  # fmt: skip
+        return _unlearn_task(folder)
     if name not in TASKS and kind in ("ppl", "mc") and ("/" in target or "." in target):
         path = Path(target).expanduser()
         if not path.is_file():

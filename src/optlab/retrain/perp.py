@@ -26,7 +26,6 @@ Three methods share one parameter selection and one merge:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -35,12 +34,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from optlab.core.anatomy import Anatomy, weight_matrix
 from optlab.core.data import load_text, sample_windows
 from optlab.core.layerwise import BlockContext, batched, call_block, run_layerwise
 from optlab.core.models import LoadedModel
+from optlab.core.train import (
+    TrainConfig,
+    autocast,
+    check_finite,
+    linear_schedule,
+    make_accelerator,
+    train_loop,
+)
 from optlab.errors import OptlabError, did_you_mean
 from optlab.prune.masks import masks_of, pruned_linears, sparsity_report
 from optlab.retrain.lora import VARIANTS, adapters_of, add_adapters, merge_adapters
@@ -238,38 +244,6 @@ def _prepare(model: nn.Module, config: PerpConfig) -> _Prepared:
 # Training
 
 
-def _accelerator(grad_accum: int) -> Accelerator:
-    from accelerate import Accelerator
-
-    # accelerate.backward() divides the loss by this, so it must be the real accumulation.
-    return Accelerator(gradient_accumulation_steps=grad_accum)
-
-
-def _autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
-    """Run a bf16/fp16 model in its dtype while its trainable tensors are fp32 (mixed
-    precision: without it, an fp32 norm weight would hand fp32 inputs to bf16 linears)."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def _schedule(optimizer: torch.optim.Optimizer, config: PerpConfig) -> Any:
-    """Linear warmup over ``warmup * steps`` then linear decay to zero (HF's schedule)."""
-    from transformers import get_linear_schedule_with_warmup
-
-    return get_linear_schedule_with_warmup(
-        optimizer, round(config.warmup * config.steps), config.steps
-    )
-
-
-def _finite(loss: torch.Tensor, where: str) -> None:
-    if not torch.isfinite(loss):
-        raise OptlabError(
-            f"retraining loss is {loss.item()} at {where}: lower --lr, or check the model for "
-            "NaN/inf weights"
-        )
-
-
 def _train_lm(
     accelerator: Accelerator,
     model: nn.Module,
@@ -278,63 +252,32 @@ def _train_lm(
     dtype: torch.dtype,
     progress: bool,
 ) -> dict:
-    """Next-token training of the parameters with ``requires_grad``, on HF Accelerate.
+    """Next-token training of the parameters with ``requires_grad`` on the shared loop.
 
     Each process draws the same windows and takes every ``num_processes``-th micro-batch, so
     a step is ``grad_accum`` micro-batches per process and the step count never changes.
     """
-    home = next(model.parameters()).device
     masks = []
     if config.method == "full":  # in each weight's own layout (Conv1D is in x out)
         masks = [(m.weight, m.weight.detach() != 0) for m in pruned_linears(model).values()]
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    # The scheduler is stepped by hand once per optimizer step: a prepared one would step
-    # num_processes times per step, as it assumes a sharded dataloader we do not use.
-    scheduler = _schedule(optimizer, config)
-    wrapped, optimizer = accelerator.prepare(model, optimizer)
-    masks = [(weight, mask.to(weight.device)) for weight, mask in masks]
     rank, world = accelerator.process_index, accelerator.num_processes
     size = config.batch_size
-    losses: list[float] = []
-    was_training = model.training
-    wrapped.train()  # dropout on, as in the official (HF Trainer) retraining
-    bar = tqdm(total=config.steps, desc=f"retrain {config.method}", leave=False,
-               disable=not progress or not accelerator.is_local_main_process)  # fmt: skip
-    try:
-        for step in range(1, config.steps + 1):
-            total = torch.zeros((), device=accelerator.device)
-            for micro in range(config.grad_accum):
-                index = ((step - 1) * config.grad_accum + micro) * world + rank
-                ids = windows[index * size : (index + 1) * size].to(accelerator.device)
-                with accelerator.accumulate(wrapped):
-                    with _autocast(accelerator.device, dtype):
-                        loss = wrapped(input_ids=ids, labels=ids, use_cache=False).loss
-                    _finite(loss, f"step {step}")
-                    accelerator.backward(loss)
-                    optimizer.step()  # a no-op until the last micro-batch of the step
-                    optimizer.zero_grad()
-                total += loss.detach()
-            if not accelerator.sync_gradients:  # the accumulation count drifted: a bug
-                raise RuntimeError(f"step {step} ended without an optimizer step")
-            scheduler.step()
-            with torch.no_grad():
-                for weight, mask in masks:
-                    weight.mul_(mask)
-            mean = accelerator.reduce(total / config.grad_accum, "mean").item()
-            losses.append(mean)
-            bar.update()
-            bar.set_postfix(loss=f"{mean:.4f}")
-    finally:
-        bar.close()
-        model.train(was_training)
-    optimizer_steps = max((int(s["step"]) for s in optimizer.state.values()), default=0)
-    # Drops the autocast forward a mixed-precision `accelerate launch` patches onto the model.
-    accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)
-    accelerator.free_memory()
-    if not hasattr(model, "hf_device_map"):  # a dispatched model stays where accelerate put it
-        model.to(home)
-    return {"losses": losses, "optimizer_steps": optimizer_steps}
+
+    def micro_loss(wrapped: nn.Module, step: int, micro: int) -> torch.Tensor:
+        index = ((step - 1) * config.grad_accum + micro) * world + rank
+        ids = windows[index * size : (index + 1) * size].to(accelerator.device)
+        return wrapped(input_ids=ids, labels=ids, use_cache=False).loss
+
+    @torch.no_grad()
+    def reapply_masks(step: int, loss: float) -> None:
+        for weight, mask in masks:
+            weight.mul_(mask.to(weight.device))
+
+    train = TrainConfig(steps=config.steps, lr=config.lr, grad_accum=config.grad_accum,
+                        warmup=config.warmup, desc=f"retrain {config.method}")  # fmt: skip
+    result = train_loop(accelerator, model, micro_loss, train, dtype=dtype,
+                        after_step=reapply_masks, progress=progress)  # fmt: skip
+    return {"losses": result["losses"], "optimizer_steps": result["optimizer_steps"]}
 
 
 def _reconstruct(
@@ -357,7 +300,7 @@ def _reconstruct(
     block_mse: list[dict[str, float]] = []
 
     def mse(block: nn.Module, ctx: BlockContext, targets: list[torch.Tensor], b: int):
-        with _autocast(ctx.inputs[b].device, dtype):
+        with autocast(ctx.inputs[b].device, dtype):
             out = call_block(block, ctx.inputs[b], ctx.args[b], ctx.kwargs[b])
         return F.mse_loss(out.float(), targets[b].float())
 
@@ -375,13 +318,13 @@ def _reconstruct(
         params = [p for p in ctx.block.parameters() if p.requires_grad]
         if params:
             optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-            scheduler = _schedule(optimizer, config)
+            scheduler = linear_schedule(optimizer, config.steps, config.warmup)
             for step in range(1, config.steps + 1):
                 total = 0.0
                 for micro in range(config.grad_accum):
                     b = ((step - 1) * config.grad_accum + micro) % n  # cycle over the batches
                     loss = mse(ctx.block, ctx, targets, b)
-                    _finite(loss, f"block {ctx.index} step {step}")
+                    check_finite(loss, f"block {ctx.index} step {step}")
                     (loss / config.grad_accum).backward()
                     total += loss.item()
                 optimizer.step()
@@ -432,7 +375,7 @@ def retrain(
         count = config.windows
     else:
         # accelerate.Accelerator: imported here, as it is slow and only training needs it.
-        accelerator = _accelerator(config.grad_accum)
+        accelerator = make_accelerator(config.grad_accum)
         count = config.steps * config.grad_accum * config.batch_size * accelerator.num_processes
     windows = sample_windows(lm.tokenizer, load_text(config.corpus), count, config.seq_len,
                              config.seed)  # fmt: skip

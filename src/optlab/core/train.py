@@ -1,0 +1,141 @@
+"""One training loop on HF Accelerate for every method that fine-tunes a model.
+
+PERP retraining and unlearning differ only in their loss; the loop (AdamW, a linear schedule
+stepped once per optimizer step, gradient accumulation, a finite-loss guard, an exact step
+budget, a progress bar) is written once here. ``accelerate launch`` runs it on several GPUs.
+
+>>> accelerator = make_accelerator(grad_accum=2)
+>>> result = train_loop(accelerator, model, lambda m, step, micro: m(**batch).loss,
+...                     TrainConfig(steps=100, lr=1e-5, grad_accum=2))
+>>> result["optimizer_steps"]
+100
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from optlab.errors import OptlabError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+# (model, step, micro-batch index) -> the loss of that micro-batch; step counts from 1.
+MicroLoss = Callable[[nn.Module, int, int], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """``steps`` optimizer steps, honoured exactly, each of ``grad_accum`` micro-batches;
+    the learning rate warms up linearly over ``warmup * steps`` then decays linearly to 0."""
+
+    steps: int
+    lr: float
+    grad_accum: int = 1
+    warmup: float = 0.0
+    weight_decay: float = 0.0
+    desc: str = "train"  # progress bar label and error-message prefix
+
+
+def make_accelerator(grad_accum: int) -> Accelerator:
+    from accelerate import Accelerator  # slow import: only training needs it
+
+    # accelerate.backward() divides the loss by this, so it must be the real accumulation.
+    return Accelerator(gradient_accumulation_steps=grad_accum)
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Run a bf16/fp16 model in its dtype while its trainable tensors are fp32 (mixed
+    precision: without it, an fp32 norm weight would hand fp32 inputs to bf16 linears)."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def linear_schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: float) -> Any:
+    """Linear warmup over ``warmup * steps`` then linear decay to zero (HF's schedule)."""
+    from transformers import get_linear_schedule_with_warmup
+
+    return get_linear_schedule_with_warmup(optimizer, round(warmup * steps), steps)
+
+
+def check_finite(loss: torch.Tensor, where: str) -> None:
+    """Stop at once on a NaN/inf loss: one step later the weights are NaN too."""
+    if not torch.isfinite(loss):
+        raise OptlabError(
+            f"loss is {loss.item()} at {where}: lower --lr, or check the model for NaN/inf weights"
+        )
+
+
+def train_loop(
+    accelerator: Accelerator,
+    model: nn.Module,
+    micro_loss: MicroLoss,
+    config: TrainConfig,
+    *,
+    dtype: torch.dtype = torch.float32,
+    after_step: Callable[[int, float], bool | None] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train the parameters of ``model`` with ``requires_grad`` for exactly ``config.steps``
+    optimizer steps (fewer only if ``after_step(step, mean_loss)`` returns True: an early
+    stop that is checked after every step). Returns ``losses`` (one mean per step),
+    ``optimizer_steps`` (counted by the optimizer itself) and ``stopped_early``.
+
+    ``micro_loss`` draws its own data from (step, micro): under ``accelerate launch`` each
+    process should take a different share (see ``accelerator.process_index``).
+    """
+    home = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise OptlabError("nothing to train: no parameter requires a gradient")
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    # Stepped by hand once per optimizer step: a prepared scheduler would step num_processes
+    # times per step, as it assumes a sharded dataloader we do not use.
+    scheduler = linear_schedule(optimizer, config.steps, config.warmup)
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    losses: list[float] = []
+    stopped_early = False
+    was_training = model.training
+    wrapped.train()  # dropout on, as HF Trainer does
+    bar = tqdm(total=config.steps, desc=config.desc, leave=False,
+               disable=not progress or not accelerator.is_local_main_process)  # fmt: skip
+    try:
+        for step in range(1, config.steps + 1):
+            total = torch.zeros((), device=accelerator.device)
+            for micro in range(config.grad_accum):
+                with accelerator.accumulate(wrapped):
+                    with autocast(accelerator.device, dtype):
+                        loss = micro_loss(wrapped, step, micro)
+                    check_finite(loss, f"step {step}")
+                    accelerator.backward(loss)
+                    optimizer.step()  # a no-op until the last micro-batch of the step
+                    optimizer.zero_grad()
+                total += loss.detach()
+            if not accelerator.sync_gradients:  # the accumulation count drifted: a bug
+                raise RuntimeError(f"step {step} ended without an optimizer step")
+            scheduler.step()
+            mean = accelerator.reduce(total / config.grad_accum, "mean").item()
+            losses.append(mean)
+            bar.update()
+            bar.set_postfix(loss=f"{mean:.4f}")
+            if after_step is not None and after_step(step, mean):
+                stopped_early = step < config.steps
+                break
+    finally:
+        bar.close()
+        model.train(was_training)
+    optimizer_steps = max((int(s["step"]) for s in optimizer.state.values()), default=0)
+    # Drops the autocast forward a mixed-precision `accelerate launch` patches onto the model.
+    accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)
+    accelerator.free_memory()
+    if not hasattr(model, "hf_device_map"):  # a dispatched model stays where accelerate put it
+        model.to(home)
+    return {"losses": losses, "optimizer_steps": optimizer_steps, "stopped_early": stopped_early}

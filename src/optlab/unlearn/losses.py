@@ -1,0 +1,144 @@
+"""Unlearning objectives: each method is one loss on a forget batch, a retain batch and
+(for ``ga_kl_rand``) forget questions paired with random retain answers.
+
+All token losses are means over answer tokens (labels != -100), so neither question tokens
+nor padding count; each answer weighs the same in a batch. Signs: a loss is *minimised*, so
+gradient ascent on the forget set is ``-CE(forget)``.
+
+==============  ==========================================================================
+``ga``          -CE(forget)
+``ga_kl_rand``  0.5 * -CE(forget) + CE(random retain answer | forget question)
+                + KL(p_orig || p_cur) on retain tokens (Yao et al. 2023; a document has
+                no question, so its "random answers" are retain texts on their own)
+``graddiff``    -CE(forget) + CE(retain)
+``npo``         -2/β · mean log σ(-β (log π(a|q) - log π_ref(a|q))) + CE(retain)
+                (Zhang et al. 2024, sequence log-likelihoods; open-unlearning's form)
+``retain_only`` CE(retain): the oracle, trained without the forget set
+==============  ==========================================================================
+
+>>> loss, parts = LOSSES["graddiff"](LossInputs(model, forget, retain))
+>>> parts
+{'forget_ce': 2.1, 'retain_ce': 1.7}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from optlab.unlearn.data import IGNORE, Batch
+
+
+@dataclass
+class LossInputs:
+    """What a loss may use; ``reference`` is the frozen model before unlearning."""
+
+    model: nn.Module
+    forget: Batch | None  # None only for retain_only
+    retain: Batch | None = None
+    random: Batch | None = None  # forget questions with random retain answers
+    reference: nn.Module | None = None
+    beta: float = 1.0  # NPO's inverse temperature
+
+
+Loss = Callable[[LossInputs], tuple[torch.Tensor, dict[str, float]]]
+
+
+def token_logprobs(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of each next token and whether it is an answer token, both (B, T-1)."""
+    logits = model(**batch.inputs(), use_cache=False).logits[:, :-1].float()
+    targets = batch.labels[:, 1:]
+    counted = targets != IGNORE
+    logprobs = torch.log_softmax(logits, dim=-1)
+    picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return picked * counted, counted
+
+
+def answer_ce(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Cross-entropy of each answer (mean over its tokens), averaged over the examples: every
+    answer weighs the same whatever its length, as in Yao et al.'s code."""
+    logprobs, counted = token_logprobs(model, batch)
+    return (-logprobs.sum(-1) / counted.sum(-1).clamp(min=1)).mean()
+
+
+def sequence_logprob(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Summed log-probability of each example's answer, (B,)."""
+    logprobs, _ = token_logprobs(model, batch)
+    return logprobs.sum(-1)
+
+
+def retain_kl(model: nn.Module, reference: nn.Module, batch: Batch) -> torch.Tensor:
+    """KL(p_ref || p_cur) over the vocabulary, per real (non-padding) position, averaged.
+
+    The reference code computed the cross-entropy -Σ p_ref log p_cur (KL plus the constant
+    entropy of p_ref) over every position, padding included; this is the KL itself, so it is
+    exactly 0 when the models agree.
+    """
+    with torch.no_grad():
+        ref = torch.log_softmax(reference(**batch.inputs(), use_cache=False).logits.float(), -1)
+    cur = torch.log_softmax(model(**batch.inputs(), use_cache=False).logits.float(), -1)
+    per_position = F.kl_div(cur, ref, log_target=True, reduction="none").sum(-1)
+    real = batch.attention_mask.bool()
+    return per_position[real].mean()
+
+
+def ga(x: LossInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    forget_ce = answer_ce(x.model, x.forget)
+    return -forget_ce, {"forget_ce": forget_ce.item()}
+
+
+def ga_kl_rand(x: LossInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    if x.retain is None or x.random is None or x.reference is None:
+        raise ValueError("ga_kl_rand needs retain, random-answer and reference inputs")
+    forget_ce = answer_ce(x.model, x.forget)
+    random_ce = answer_ce(x.model, x.random)
+    kl = retain_kl(x.model, x.reference, x.retain)
+    loss = -0.5 * forget_ce + random_ce + kl
+    return loss, {"forget_ce": forget_ce.item(), "random_ce": random_ce.item(), "kl": kl.item()}
+
+
+def graddiff(x: LossInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    if x.retain is None:
+        raise ValueError("graddiff needs retain inputs")
+    forget_ce, retain_ce = answer_ce(x.model, x.forget), answer_ce(x.model, x.retain)
+    return retain_ce - forget_ce, {"forget_ce": forget_ce.item(), "retain_ce": retain_ce.item()}
+
+
+def npo(x: LossInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    if x.retain is None or x.reference is None:
+        raise ValueError("npo needs retain and reference inputs")
+    current = sequence_logprob(x.model, x.forget)
+    with torch.no_grad():
+        reference = sequence_logprob(x.reference, x.forget)
+    forget_loss = -2 / x.beta * F.logsigmoid(-x.beta * (current - reference)).mean()
+    retain_ce = answer_ce(x.model, x.retain)
+    return forget_loss + retain_ce, {"npo": forget_loss.item(), "retain_ce": retain_ce.item()}
+
+
+def retain_only(x: LossInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    if x.retain is None:
+        raise ValueError("retain_only needs retain inputs")
+    retain_ce = answer_ce(x.model, x.retain)
+    return retain_ce, {"retain_ce": retain_ce.item()}
+
+
+def finetune(x: LossInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    """Plain descent on the forget set: teaches it (the book scenario's first stage)."""
+    forget_ce = answer_ce(x.model, x.forget)
+    return forget_ce, {"forget_ce": forget_ce.item()}
+
+
+LOSSES: dict[str, Loss] = {
+    "ga": ga,
+    "ga_kl_rand": ga_kl_rand,
+    "graddiff": graddiff,
+    "npo": npo,
+    "retain_only": retain_only,
+    "finetune": finetune,
+}
+METHODS = ("ga", "ga_kl_rand", "graddiff", "npo", "retain_only")  # what `unlearn` offers
+NEEDS_REFERENCE = ("ga_kl_rand", "npo")

@@ -1,0 +1,218 @@
+"""Unlearning: one of the losses of :mod:`optlab.unlearn.losses` on the shared training loop.
+
+Defaults follow Yao et al.'s code (AdamW, lr 2e-6, linear decay, no warmup, batch 2); the
+step budget is exact and an optional stop on the forget loss is checked after every step
+(the reference code's stop could never fire). ``lora=True`` trains rank-32 adapters
+(alpha 16) on the query and value projections and merges them at the end, so the result is
+a plain Hugging Face model.
+
+>>> result = unlearn(lm, forget, retain, UnlearnConfig(method="graddiff", steps=100))
+>>> result.metrics["optimizer_steps"], result.trained[:1]
+(100, ['model.embed_tokens.weight'])
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from optlab.core.anatomy import Anatomy
+from optlab.core.models import LoadedModel
+from optlab.core.train import TrainConfig, make_accelerator, train_loop
+from optlab.errors import OptlabError, did_you_mean
+from optlab.retrain.lora import LoraLinear, adapters_of, merge_adapters
+from optlab.unlearn.data import Batch, Example, encode
+from optlab.unlearn.losses import LOSSES, NEEDS_REFERENCE, LossInputs
+
+log = logging.getLogger("optlab")
+
+# Last name part of the query / value projections (fused QKV layers take the adapter whole).
+LORA_TARGETS = ("q_proj", "v_proj", "c_attn", "query_key_value", "qkv_proj", "Wqkv")
+
+
+@dataclass(frozen=True)
+class UnlearnConfig:
+    """How to unlearn. ``steps`` optimizer steps of ``grad_accum`` micro-batches, each with
+    ``batch_size`` forget and ``batch_size`` retain examples; ``random_answers`` is the K of
+    ``ga_kl_rand``; ``stop_forget_ce`` ends training once the forget cross-entropy exceeds it.
+
+    >>> UnlearnConfig(method="npo", lora=True, lr=1e-4, steps=50)
+    """
+
+    method: str = "ga_kl_rand"
+    steps: int = 1000
+    lr: float = 2e-6
+    batch_size: int = 2
+    grad_accum: int = 1
+    warmup: float = 0.0
+    lora: bool = False
+    rank: int = 32
+    alpha: float = 16.0
+    random_answers: int = 5
+    beta: float = 1.0
+    stop_forget_ce: float | None = None
+    max_length: int = 256
+    seed: int = 8888
+
+    def __post_init__(self) -> None:
+        if self.method not in LOSSES:
+            raise did_you_mean("unlearning method", self.method, LOSSES)
+        for name in ("steps", "batch_size", "grad_accum", "rank", "random_answers", "max_length"):
+            if getattr(self, name) < 1:
+                raise OptlabError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise OptlabError(f"lr must be positive, got {self.lr}")
+        if not self.beta > 0:
+            raise OptlabError(f"beta must be positive, got {self.beta}")
+        if not 0 <= self.warmup < 1:
+            raise OptlabError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+
+
+@dataclass
+class UnlearnResult:
+    """Training metrics, and the names of the parameters that changed (for the distance to
+    the oracle: the adapted weights with LoRA, every parameter otherwise)."""
+
+    metrics: dict[str, Any]
+    trained: list[str]
+
+
+def _qv_projections(model: nn.Module) -> dict[str, nn.Module]:
+    anatomy = Anatomy.of(model)
+    found = {}
+    for index, block in enumerate(anatomy.blocks):
+        for name, linear in anatomy.linears(block).items():
+            if name.rsplit(".", 1)[-1] in LORA_TARGETS:
+                found[f"{anatomy.blocks_path}.{index}.{name}"] = linear
+    if not found:
+        raise OptlabError(f"no query/value projection found for LoRA in {anatomy.family}")
+    return found
+
+
+def trained_names(model: nn.Module, lora: bool) -> list[str]:
+    """The parameters an unlearning run changes: the adapted q/v weights with LoRA (after the
+    merge), every parameter otherwise."""
+    if lora:
+        return [f"{name}.weight" for name in _qv_projections(model)]
+    return [name for name, _ in model.named_parameters()]
+
+
+def add_qv_adapters(model: nn.Module, rank: int, alpha: float) -> list[str]:
+    """Plain LoRA on every query / value projection; returns the adapted weights' names."""
+    for name, linear in _qv_projections(model).items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, LoraLinear(linear, "plain", rank, alpha))
+    return [f"{name}.weight" for name in adapters_of(model)]  # their names once merged
+
+
+class _Sampler:
+    """Seeded epochs over a list: every example is seen once before any repeats."""
+
+    def __init__(self, items: list[Example], seed: int) -> None:
+        self.items, self.rng, self.order = items, random.Random(seed), []
+
+    def take(self, n: int) -> list[Example]:
+        out = []
+        while len(out) < n:
+            if not self.order:
+                self.order = list(range(len(self.items)))
+                self.rng.shuffle(self.order)
+            out.append(self.items[self.order.pop()])
+        return out
+
+
+def unlearn(
+    lm: LoadedModel,
+    forget: list[Example],
+    retain: list[Example] | None,
+    config: UnlearnConfig | None = None,
+    *,
+    progress: bool = True,
+) -> UnlearnResult:
+    """Unlearn ``forget`` from ``lm`` in place (``retain_only`` trains the oracle instead).
+
+    >>> result = unlearn(lm, forget, retain, UnlearnConfig(method="ga", steps=20))
+    """
+    config = config or UnlearnConfig()
+    model, tokenizer = lm.model, lm.tokenizer
+    if not forget and config.method != "retain_only":
+        raise OptlabError("the forget set is empty")
+    needs_retain = config.method not in ("ga", "finetune")
+    if needs_retain and not retain:
+        raise OptlabError(f"method {config.method!r} needs a retain set")
+    if adapters_of(model):
+        raise OptlabError("the model already has LoRA adapters: merge them first")
+    torch.manual_seed(config.seed)
+    reference = None
+    if config.method in NEEDS_REFERENCE:  # the frozen model before unlearning
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
+    requires_grad = {id(p): p.requires_grad for p in model.parameters()}
+    trained = trained_names(model, config.lora)
+    model.requires_grad_(not config.lora)
+    if config.lora:
+        add_qv_adapters(model, config.rank, config.alpha)
+    accelerator = make_accelerator(config.grad_accum)
+    if reference is not None:  # accelerate may move the trained model to its own device
+        reference.to(accelerator.device)
+    rank = accelerator.process_index
+    # Each process draws its own stream; the same seed on one process reproduces a run.
+    forget_draw = _Sampler(forget, config.seed * 1000 + rank)
+    retain_draw = _Sampler(retain or [], config.seed * 1000 + 500 + rank)
+    answers = _Sampler(retain or [], config.seed * 1000 + 900 + rank)
+    loss_fn = LOSSES[config.method]
+    device = accelerator.device
+    parts: list[dict[str, float]] = []
+
+    def batch(examples: list[Example]) -> Batch:
+        return encode(tokenizer, examples, config.max_length).to(device)
+
+    def micro_loss(wrapped: nn.Module, step: int, micro: int) -> torch.Tensor:
+        use_forget = forget and config.method != "retain_only"
+        forget_examples = forget_draw.take(config.batch_size) if use_forget else []
+        inputs = LossInputs(wrapped, batch(forget_examples) if forget_examples else None,
+                            reference=reference, beta=config.beta)  # fmt: skip
+        if needs_retain:
+            inputs.retain = batch(retain_draw.take(config.batch_size))
+        if config.method == "ga_kl_rand":
+            inputs.random = batch([
+                Example(a.answer, q.question)
+                for q in forget_examples for a in answers.take(config.random_answers)
+            ])  # fmt: skip
+        loss, values = loss_fn(inputs)
+        parts.append(values)
+        return loss
+
+    def stop(step: int, loss: float) -> bool:
+        ce = parts[-1].get("forget_ce") if parts else None
+        return config.stop_forget_ce is not None and ce is not None and ce > config.stop_forget_ce
+
+    train = TrainConfig(steps=config.steps, lr=config.lr, grad_accum=config.grad_accum,
+                        warmup=config.warmup, desc=f"unlearn {config.method}")  # fmt: skip
+    start = time.perf_counter()
+    try:
+        result = train_loop(accelerator, model, micro_loss, train, after_step=stop,
+                            progress=progress)  # fmt: skip
+    finally:
+        merge_adapters(model)
+        for param in model.parameters():
+            param.requires_grad_(requires_grad.get(id(param), True))
+        model.eval()
+    seconds = time.perf_counter() - start
+    last = {k: sum(p[k] for p in parts[-config.grad_accum :]) / config.grad_accum
+            for k in (parts[-1] if parts else {})}  # fmt: skip
+    metrics = {
+        "method": config.method,
+        "lora": config.lora,
+        **result,
+        "final_parts": last,
+        "train_seconds": seconds,
+        "trained_tensors": len(trained),
+    }
+    return UnlearnResult(metrics, trained)
