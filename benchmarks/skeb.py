@@ -81,8 +81,10 @@ def main() -> None:
     fit = audited["regression"]["recall"]
     defined = {m: v["r2"] for m, v in fit["per_metric"].items() if v["r2"] is not None}
     best = max(defined, key=defined.get) if defined else None  # type: ignore[arg-type]
-    print(f"\nunlearned recall ~ M1-M9: combined R^2 {fit['combined_r2']}; best single metric "
-          f"{best} (R^2 {defined.get(best) if best else None})")  # fmt: skip
+    combined = fit["combined_r2"]
+    print(f"\nunlearned recall ~ M1-M9: combined R^2 "
+          f"{'n/a' if combined is None else f'{combined:.3f}'}; best single metric "
+          f"{best or 'n/a'}{f' (R^2 {defined[best]:.3f})' if best else ''}")  # fmt: skip
 
 
 if __name__ == "__main__":
