@@ -8,7 +8,7 @@ import torch
 from optlab.core.stats import Hessian
 from optlab.errors import OptlabError
 from optlab.quant.gptq import gptq_quantize
-from optlab.quant.linear import QuantLinear, quantized_bytes
+from optlab.quant.linear import KERNEL_MAX_ROWS, QuantLinear, quantized_bytes
 from optlab.quant.packing import pack, packed_row_bytes, unpack
 from optlab.quant.quantizer import quantize_rtn
 
@@ -118,12 +118,15 @@ def test_quant_linear_kernels_agree_with_dequantize_then_matmul(bits, group, out
     qw = quantize_rtn(weight, bits, group)
     layer = QuantLinear.from_quantized(qw, bias)
     assert layer.kernel_name() == kernel
-    x = torch.randn(2, 5, 96, generator=g)
+    assert layer.kernel_name(rows=KERNEL_MAX_ROWS + 1) == "dequant"  # prefill: dequantize
+    x = torch.randn(2, KERNEL_MAX_ROWS // 2, 96, generator=g)
     reference = x @ qw.dequantize().T + bias
     fast = layer(x)
+    many = torch.randn(3, KERNEL_MAX_ROWS, 96, generator=g)
+    torch.testing.assert_close(layer(many), many @ qw.dequantize().T + bias)
     layer.kernel = "dequant"
     slow = layer(x)
-    assert fast.shape == (2, 5, out)
+    assert fast.shape == (2, KERNEL_MAX_ROWS // 2, out)
     assert torch.allclose(slow, reference, atol=1e-5)
     assert torch.allclose(fast, slow, atol=1e-3, rtol=1e-4)
     assert layer.storage_bytes() == quantized_bytes(out, 96, bits, qw.group_size)
