@@ -20,9 +20,10 @@ OPTLAB = [sys.executable, "-m", "optlab.cli"]
 
 
 def optlab(*args: str) -> dict:
-    done = subprocess.run([*OPTLAB, *args, "--json", "--force"], capture_output=True, text=True)
+    """Run one CLI command; its logs and progress bars pass through to our stderr."""
+    done = subprocess.run([*OPTLAB, *args, "--json", "--force"], stdout=subprocess.PIPE, text=True)
     if done.returncode:
-        sys.exit(f"optlab {' '.join(args)} failed:\n{done.stderr}")
+        sys.exit(f"optlab {' '.join(args)} failed (exit {done.returncode}); see its log above")
     return json.loads(done.stdout)
 
 
