@@ -42,3 +42,10 @@ def test_demo_writes_a_readable_run(capsys, tmp_path) -> None:
     # Pruning half the weights costs perplexity, but the model stays a language model.
     dense, pruned = metrics["dense"]["ppl:wiki"], metrics["wanda50"]["ppl:wiki"]
     assert dense["perplexity"] < pruned["perplexity"] < 10 * dense["perplexity"]
+    # The quantized copy honours its 4.5-bit budget and loses less than pruning half of it.
+    quantized = metrics["tdmpq45"]["ppl:wiki"]
+    assert metrics["quantize"]["avg_bits"] <= 4.5
+    assert sum(metrics["quantize"]["layers_per_width"].values()) == 30
+    assert len(json.loads((out / "bits.json").read_text())) == 30
+    assert dense["perplexity"] < quantized["perplexity"] < pruned["perplexity"]
+    assert "TDMPQ 4.5 bits" in report

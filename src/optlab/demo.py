@@ -67,9 +67,13 @@ def run_demo(
         metrics["quantize"] = {
             "avg_bits": round(quantized["avg_bits"], 3),
             "effective_bits": round(quantized["effective_bits"], 3),
-            "bits": quantized["unit_bits"],
+            "layers_per_width": {
+                str(w): sum(b == w for b in quantized["unit_bits"].values())
+                for w in sorted(set(quantized["unit_bits"].values()), reverse=True)
+            },
             "seconds": round(quantized["sensitivity_seconds"] + quantized["quantize_seconds"], 1),
         }
+        run.save_json("bits.json", quantized["unit_bits"])
         log.info("step 5/5: evaluate the quantized model")
         metrics["tdmpq45"] = _evaluate(lm, limit)
         metrics["seconds"] = round(time.perf_counter() - start, 1)
@@ -99,8 +103,7 @@ def _report(m: dict[str, Any]) -> str:
         f"{quantized['samples'][p]!r} |"
         for p in PROMPTS
     )
-    widths = sorted(set(q["bits"].values()), reverse=True)
-    bit_counts = ", ".join(f"{sum(b == w for b in q['bits'].values())} at {w}" for w in widths)
+    bit_counts = ", ".join(f"{n} at {w}" for w, n in q["layers_per_width"].items())
     return f"""# optlab quickstart
 
 Model: `default` (SmolLM2-135M-Instruct, {m["model"]["family"]}, {m["model"]["blocks"]} blocks,
@@ -108,8 +111,8 @@ Model: `default` (SmolLM2-135M-Instruct, {m["model"]["family"]}, {m["model"]["bl
 weights of every block linear pruned by Wanda (sparsity {m["prune"]["sparsity"]:.4f}, pruned
 in {m["prune"]["seconds"]} s from 16 calibration windows of {SEQ_LEN} tokens), and a fresh
 copy quantized by TDMPQ sensitivity to {q["avg_bits"]} bits per block-linear weight on average
-({q["effective_bits"]} with scales and zero points; layers: {bit_counts} bits; packed weights,
-groups of 64; {q["seconds"]} s from 8 calibration windows).
+({q["effective_bits"]} with scales and zero points; layers: {bit_counts} bits, per layer in
+`bits.json`; packed weights, groups of 64; {q["seconds"]} s from 8 calibration windows).
 
 | measurement | dense | Wanda 50% | TDMPQ 4.5 bits |
 |---|---|---|---|
