@@ -38,7 +38,7 @@ def sweep(args: argparse.Namespace, scenario: str, work: Path) -> list[dict]:
              "--lr", str(args.lr), "--batch-size", str(args.batch_size),
              "--samples", str(args.samples), "--eval-limit", str(args.eval_limit),
              "--eval-seq-len", str(args.eval_seq_len), "--max-new-tokens",
-             str(args.max_new_tokens)]  # fmt: skip
+             str(args.max_new_tokens), "--device", args.device]  # fmt: skip
     if args.lora:
         flags.append("--lora")
     if scenario == "book":
@@ -90,11 +90,12 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=50)
     parser.add_argument("--eval-limit", type=int, default=20)
     parser.add_argument("--eval-seq-len", type=int, default=512)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     trained = "LoRA on q/v" if args.lora else "all weights"
-    print(f"model {args.model}; {args.steps} steps, lr {args.lr}, batch {args.batch_size}, "
-          f"{trained}; seeds {args.seeds}; perplexity on {args.eval_limit} x "
-          f"{args.eval_seq_len} tokens of wiki:eval\n")  # fmt: skip
+    print(f"model {args.model} on {args.device}; {args.steps} steps, lr {args.lr}, "
+          f"batch {args.batch_size}, {trained}; seeds {args.seeds}; perplexity on "
+          f"{args.eval_limit} x {args.eval_seq_len} tokens of wiki:eval\n")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="optlab-bench-") as work:
         for scenario in args.scenarios.split(","):
             rows = sweep(args, scenario, Path(work))

@@ -4,7 +4,7 @@ PERP retraining and unlearning differ only in their loss; the loop (AdamW, a lin
 stepped once per optimizer step, gradient accumulation, a finite-loss guard, an exact step
 budget, a progress bar) is written once here. ``accelerate launch`` runs it on several GPUs.
 
->>> accelerator = make_accelerator(grad_accum=2)
+>>> accelerator = make_accelerator(grad_accum=2, device=model.device)
 >>> result = train_loop(accelerator, model, lambda m, step, micro: m(**batch).loss,
 ...                     TrainConfig(steps=100, lr=1e-5, grad_accum=2))
 >>> result["optimizer_steps"]
@@ -44,11 +44,14 @@ class TrainConfig:
     desc: str = "train"  # progress bar label and error-message prefix
 
 
-def make_accelerator(grad_accum: int) -> Accelerator:
+def make_accelerator(grad_accum: int, device: torch.device | None = None) -> Accelerator:
+    """An Accelerator for a model on ``device``: a model the user put on the CPU trains on
+    the CPU even where a GPU exists (accelerate would otherwise move it there)."""
     from accelerate import Accelerator  # slow import: only training needs it
 
     # accelerate.backward() divides the loss by this, so it must be the real accumulation.
-    return Accelerator(gradient_accumulation_steps=grad_accum)
+    cpu = device is not None and device.type == "cpu"
+    return Accelerator(gradient_accumulation_steps=grad_accum, cpu=cpu)
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:

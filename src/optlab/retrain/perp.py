@@ -375,7 +375,7 @@ def retrain(
         count = config.windows
     else:
         # accelerate.Accelerator: imported here, as it is slow and only training needs it.
-        accelerator = make_accelerator(config.grad_accum)
+        accelerator = make_accelerator(config.grad_accum, next(model.parameters()).device)
         count = config.steps * config.grad_accum * config.batch_size * accelerator.num_processes
     windows = sample_windows(lm.tokenizer, load_text(config.corpus), count, config.seq_len,
                              config.seed)  # fmt: skip

@@ -158,7 +158,7 @@ def unlearn(
     model.requires_grad_(not config.lora)
     if config.lora:
         add_qv_adapters(model, config.rank, config.alpha)
-    accelerator = make_accelerator(config.grad_accum)
+    accelerator = make_accelerator(config.grad_accum, next(model.parameters()).device)
     if reference is not None:  # accelerate may move the trained model to its own device
         reference.to(accelerator.device)
     rank = accelerator.process_index
