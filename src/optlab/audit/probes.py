@@ -17,7 +17,6 @@ shipped ones. Prompts written elsewhere (e.g. by an LLM, as in the paper) load f
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -25,6 +24,7 @@ from importlib import resources
 from pathlib import Path
 
 from optlab.audit.graph import DomainGraph
+from optlab.core.data import read_jsonl
 from optlab.errors import OptlabError
 
 FRAMINGS = ("plain", "emotional", "logical", "authority")
@@ -139,14 +139,11 @@ def load_prompts(path: str | Path) -> tuple[list[Fact], list[Probe]]:
     facts: dict[tuple[str, str], int] = {}
     fact_list: list[Fact] = []
     probes = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for number, obj in read_jsonl(path):
         try:
-            obj = json.loads(line)
             key = (str(obj["question"]), str(obj["answer"]))
             framing, prompt = str(obj["framing"]), str(obj["prompt"])
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (KeyError, TypeError):
             raise OptlabError(f"{path}:{number}: expected a JSON object with question, answer, "
                               "framing and prompt") from None  # fmt: skip
         if key not in facts:
@@ -173,13 +170,7 @@ def load_facts(source: str | Path, graph: DomainGraph | None = None) -> list[Fac
     if not path.is_file():
         raise OptlabError(f"forgotten facts not found: {path}")
     facts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise OptlabError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+    for _, obj in read_jsonl(path):
         if not isinstance(obj, dict) or "question" not in obj or "answer" not in obj:
             continue  # documents ({"text"}) have no question to probe
         subject = obj.get("subject") or ""

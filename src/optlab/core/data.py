@@ -17,6 +17,7 @@ import random
 import re
 import sysconfig
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -176,15 +177,22 @@ def code_text(max_chars: int = CODE_CHARS) -> str:
     return "\n\n".join(parts)
 
 
-def _read_jsonl(path: Path) -> str:
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed object) for each non-blank line of a JSON Lines file; a line that
+    is not JSON is named in the error. Callers check the fields they need."""
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as err:
             raise OptlabError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+        yield number, obj
+
+
+def _jsonl_text(path: Path) -> str:
+    records = []
+    for number, obj in read_jsonl(path):
         if isinstance(obj, dict) and isinstance(obj.get("text"), str):
             records.append(obj["text"])
         elif isinstance(obj, dict) and "question" in obj and "answer" in obj:
@@ -209,7 +217,7 @@ def load_text(name: str) -> str:
         if not path.is_file():
             raise OptlabError(f"text file not found: {path}")
         if path.suffix == ".jsonl":
-            return _read_jsonl(path)
+            return _jsonl_text(path)
         if path.suffix == ".txt":
             return path.read_text(encoding="utf-8")
         raise OptlabError(f"unsupported text file {path}: use .txt or .jsonl")

@@ -9,7 +9,6 @@ multiple-choice tasks on shipped data; ``mc:FILE.jsonl`` reads
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -97,11 +96,8 @@ def analogy(scorer: Scorer, *, limit: int | None = None, **_: Any) -> dict:
 def _choice_file(path: Path) -> Task:
     def task(scorer: Scorer, *, limit: int | None = None, **_: Any) -> dict:
         items = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
+        for number, row in data.read_jsonl(path):
             try:
-                row = json.loads(line)
                 item = ChoiceItem(row["context"], tuple(row["choices"]), int(row["gold"]))
             except (ValueError, KeyError, TypeError) as err:
                 raise OptlabError(

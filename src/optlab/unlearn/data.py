@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from optlab.core.data import read_jsonl
 from optlab.errors import OptlabError
 
 IGNORE = -100  # label of a position the loss skips (question tokens, padding)
@@ -70,12 +71,11 @@ def load_examples(path: str | Path) -> list[Example]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise OptlabError(f"data file not found: {path}")
-    text = path.read_text(encoding="utf-8")
     if path.suffix == ".txt":
-        examples = [Example(doc.strip()) for doc in re.split(r"\n\s*\n", text) if doc.strip()]
+        docs = re.split(r"\n\s*\n", path.read_text(encoding="utf-8"))
+        examples = [Example(doc.strip()) for doc in docs if doc.strip()]
     elif path.suffix == ".jsonl":
-        examples = [_example(line, path, n) for n, line in enumerate(text.splitlines(), 1)
-                    if line.strip()]  # fmt: skip
+        examples = [_example(obj, path, n) for n, obj in read_jsonl(path)]
     else:
         raise OptlabError(f"unsupported data file {path}: use .jsonl (question/answer) or .txt")
     if not examples:
@@ -83,11 +83,7 @@ def load_examples(path: str | Path) -> list[Example]:
     return examples
 
 
-def _example(line: str, path: Path, number: int) -> Example:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise OptlabError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+def _example(obj: object, path: Path, number: int) -> Example:
     if isinstance(obj, dict) and isinstance(obj.get("question"), str):
         if not isinstance(obj.get("answer"), str) or not obj["answer"].strip():
             raise OptlabError(f"{path}:{number}: 'answer' must be a non-empty string")

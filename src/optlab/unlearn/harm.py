@@ -11,7 +11,6 @@ prompts; the base model's rate is always reported beside the unlearned one.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from optlab.core.data import read_jsonl
 from optlab.errors import OptlabError
 
 
@@ -43,11 +43,8 @@ class HarmClassifier:
     @classmethod
     def from_jsonl(cls, path: str | Path) -> HarmClassifier:
         texts, labels = [], []
-        for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
+        for number, row in read_jsonl(path):
             try:
-                row = json.loads(line)
                 texts.append(str(row["text"]))
                 labels.append(int(row["label"]))
             except (ValueError, KeyError, TypeError) as err:
