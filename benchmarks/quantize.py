@@ -2,8 +2,9 @@
 
 Rows: the fp32 model; uniform RTN at 8/4/3 bits; GPTQ at 4/3 bits; and every sensitivity
 (cmpq, pmpq, tdmpq) allocating bits at average 3.5 / 4 / 4.5 bits. Every configuration runs
-in its own process through the CLI (`optlab quantize ... --json`); speed is measured in a
-fresh process that reloads the saved run (`load_model(RUN)`, packed weights). Prints Markdown.
+in its own process through the CLI (`optlab quantize ... --json`); a sensitivity is scored
+once and its later budgets reuse the scores (`--scores-from`). Speed is measured in a fresh
+process that reloads the saved run (`load_model(RUN)`, packed weights). Prints Markdown.
 
     python benchmarks/quantize.py                          # default model
     python benchmarks/quantize.py --model tiny:llama --eval-limit 2 --n-calib 4 \\
@@ -60,11 +61,13 @@ def row(*cells: object) -> None:
     print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
 
 
-def flags(config: str, args: argparse.Namespace) -> list[str]:
-    """CLI flags of one configuration name: rtn4, gptq3, tdmpq@4.5 ..."""
+def flags(config: str, args: argparse.Namespace, scored: dict[str, str]) -> list[str]:
+    """CLI flags of one configuration name: rtn4, gptq3, tdmpq@4.5 ... (``scored``: the run
+    that first scored each sensitivity)."""
     if "@" in config:
         method, bits = config.split("@")
-        return ["--sensitivity", method, "--avg-bits", bits, "--widths", args.widths]
+        reuse = ["--scores-from", scored[method]] if method in scored else []
+        return ["--sensitivity", method, "--avg-bits", bits, "--widths", args.widths, *reuse]
     method, bits = config[:-1], config[-1]
     return ["--uniform", bits, *(["--gptq"] if method == "gptq" else [])]
 
@@ -98,10 +101,13 @@ def main() -> None:
     row(*["---"] * 10)
     base_speed = speed(args.model, args.prompt, args.new_tokens)
     base = None
+    scored: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="optlab-bench-") as work:
         for config in configs:
             out = str(Path(work) / config.replace("@", "-"))
-            r = optlab("quantize", args.model, *flags(config, args), *common, "--out", out)
+            r = optlab("quantize", args.model, *flags(config, args, scored), *common, "--out", out)
+            if "@" in config:
+                scored.setdefault(config.split("@")[0], out)
             if base is None:
                 base = r["perplexity_before"]["perplexity"]
                 row("fp32", 32, 32, f"{base:.2f}", "1.00x", f"{4 * r['fp16_bytes'] / 2e6:.1f}",

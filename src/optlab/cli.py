@@ -184,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quantize.add_argument("--per-linear", action="store_true", help="one width per linear")
     quantize.add_argument(
+        "--scores-from",
+        metavar="RUN",
+        help="reuse the sensitivities of an earlier quantize run scored the same way "
+        "(allocate another budget without scoring again)",
+    )
+    quantize.add_argument(
         "--group-size",
         type=int,
         default=128,
@@ -400,7 +406,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
         gptq=args.gptq, calib=args.calib, n_calib=args.n_calib, seq_len=args.seq_len,
         batch_size=args.batch_size, damp=args.damp, prune_fraction=args.prune_fraction,
         cca_dims=args.cca_dims, rest_dtype=args.rest_dtype, embed_bits=args.embed_bits,
-        seed=args.seed,
+        scores_from=args.scores_from, seed=args.seed,
     )  # fmt: skip
     config.validate()
     _refuse_existing(args.out, args.force)

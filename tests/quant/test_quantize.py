@@ -103,3 +103,26 @@ def test_default_model_at_4_bits_is_3_5x_smaller_than_fp16_and_reloads(tmp_path)
     ids = lm.tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
     reloaded = load_model(str(tmp_path / "run"))
     assert torch.equal(reloaded.model(ids).logits, lm.model(ids).logits)
+
+
+def test_scores_are_reused_only_when_scored_the_same_way(tmp_path, calib, monkeypatch) -> None:
+    first = quantize_to_run(load_model("tiny:llama"), _config(calib, avg_bits=6.0, widths="8,4"),
+                            tmp_path / "a", evaluate=False, progress=False)  # fmt: skip
+    # Reuse must not score again: any call to the scorer fails the test.
+    monkeypatch.setattr("optlab.quant.quantize.sensitivities", lambda *a, **k: 1 / 0)
+    again = _config(calib, avg_bits=6.0, widths="8,4", scores_from=str(tmp_path / "a"))
+    second = quantize_to_run(load_model("tiny:llama"), again, tmp_path / "b", evaluate=False)
+    scored, reused = (json.loads((tmp_path / r / "sensitivity.json").read_text()) for r in "ab")
+    assert reused["scores"] == scored["scores"]
+    assert second["bits_per_unit"] == first["bits_per_unit"]
+    lower = _config(calib, avg_bits=5.0, widths="8,4", scores_from=str(tmp_path / "a"))
+    assert quantize_to_run(load_model("tiny:llama"), lower, tmp_path / "c",
+                           evaluate=False)["avg_bits"] <= 5.0  # fmt: skip
+    other = _config(calib, avg_bits=6.0, widths="8,3", scores_from=str(tmp_path / "a"))
+    with pytest.raises(OptlabError, match="error_bits: 4 there, 3 here"):
+        quantize_to_run(load_model("tiny:llama"), other, tmp_path / "d", evaluate=False)
+    with pytest.raises(OptlabError, match="model: 'tiny:llama' there, 'tiny:opt' here"):
+        quantize_to_run(load_model("tiny:opt"), again, tmp_path / "e", evaluate=False)
+    with pytest.raises(OptlabError, match="no sensitivities"):
+        bad = _config(calib, avg_bits=6.0, scores_from=str(tmp_path / "missing"))
+        quantize_to_run(load_model("tiny:llama"), bad, tmp_path / "f", evaluate=False)

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -75,7 +76,18 @@ class QuantConfig:
     cca_dims: int = 8
     rest_dtype: str = "float16"
     embed_bits: int | None = None  # also pack the embeddings and LM head (an extension)
+    scores_from: str | None = None  # an earlier run (or its sensitivity.json): skip scoring
     seed: int = 0
+
+    def score_settings(self, model: str) -> dict[str, Any]:
+        """Everything a sensitivity score depends on: reused scores must match it."""
+        return {
+            "model": model, "method": self.sensitivity, "granularity": self.granularity,
+            "error_bits": min(parse_widths(self.tiers or self.widths)),
+            "group_size": self.group_size, "calib": self.calib, "n_calib": self.n_calib,
+            "seq_len": self.seq_len, "batch_size": self.batch_size, "seed": self.seed,
+            "prune_fraction": self.prune_fraction, "cca_dims": self.cca_dims,
+        }  # fmt: skip
 
     def validate(self) -> None:
         modes = [self.avg_bits, self.max_size_mb, self.tiers, self.uniform]
@@ -106,6 +118,32 @@ class QuantConfig:
             raise OptlabError(f"prune fraction must be in (0, 1), got {self.prune_fraction}")
         if not 0 <= self.damp < 1:
             raise OptlabError(f"damp must be in [0, 1), got {self.damp}")
+        if self.scores_from is not None and self.uniform is not None:
+            raise OptlabError("--scores-from reuses sensitivities: --uniform has none")
+
+
+def reused_scores(config: QuantConfig, model: str, units: list[str]) -> dict[str, float]:
+    """The sensitivities of an earlier run (``config.scores_from``: its directory or its
+    ``sensitivity.json``), refused unless they were scored the way ``config`` would."""
+    path = Path(str(config.scores_from))
+    path = path / "sensitivity.json" if path.is_dir() else path
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        settings, scores = saved["settings"], dict(saved["scores"])
+    except FileNotFoundError:
+        raise OptlabError(f"no sensitivities at {path}: pass a quantize run or its "
+                          "sensitivity.json") from None  # fmt: skip
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise OptlabError(f"{path} is not a sensitivity.json of optlab quantize with the "
+                          "settings of its scores") from None  # fmt: skip
+    wanted = config.score_settings(model)
+    differ = [f"{k}: {settings.get(k)!r} there, {v!r} here" for k, v in wanted.items()
+              if settings.get(k) != v]  # fmt: skip
+    if differ:
+        raise OptlabError(f"{path} was scored differently; " + "; ".join(differ))
+    if sorted(scores) != sorted(units):
+        raise OptlabError(f"{path} scores other units than this model's")
+    return {unit: float(scores[unit]) for unit in units}
 
 
 def _shape(model: nn.Module, name: str) -> tuple[int, int]:
@@ -181,12 +219,16 @@ def quantize(lm: LoadedModel, config: QuantConfig, *, progress: bool = True) -> 
     units = sensitivity_units(model, config.granularity)
     seq_len = config.seq_len or context_length(model)
     windows: list[torch.Tensor] = []
-    if config.uniform is None or config.gptq:  # plain uniform RTN needs no calibration
+    scoring = config.uniform is None and config.scores_from is None
+    if scoring or config.gptq:  # plain RTN with known scores needs no calibration
         windows = batched(
             sample_windows(lm.tokenizer, load_text(config.calib), config.n_calib, seq_len,
                            config.seed), config.batch_size)  # fmt: skip
     scores = None
-    if config.uniform is None:
+    if config.scores_from is not None:
+        scores = reused_scores(config, lm.spec, list(units))
+        log.info("reusing the %s sensitivities of %s", config.sensitivity, config.scores_from)
+    elif scoring:
         log.info("scoring %d units with %s", len(units), config.sensitivity)
         lowest = min(parse_widths(config.tiers or config.widths))  # tdmpq's error width
         scores = sensitivities(
@@ -284,6 +326,7 @@ def quantize_to_run(
         file_bytes = (run.dir / "model" / WEIGHTS).stat().st_size
         run.save_json("sensitivity.json", {"method": config.sensitivity,
                                            "granularity": config.granularity,
+                                           "settings": config.score_settings(lm.spec),
                                            "scores": result["sensitivity"]})  # fmt: skip
         run.save_json("bits.json", {"units": result["unit_bits"],
                                     "linears": result["linear_bits"]})  # fmt: skip
