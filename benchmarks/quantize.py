@@ -3,8 +3,9 @@
 Rows: the fp32 model; uniform RTN at 8/4/3 bits; GPTQ at 4/3 bits; and every sensitivity
 (cmpq, pmpq, tdmpq) allocating bits at average 3.5 / 4 / 4.5 bits. Every configuration runs
 in its own process through the CLI (`optlab quantize ... --json`); a sensitivity is scored
-once and its later budgets reuse the scores (`--scores-from`). Speed is measured in a fresh
-process that reloads the saved run (`load_model(RUN)`, packed weights). Prints Markdown.
+once and its later budgets reuse the scores (`--scores-from`). Perplexity and speed are
+measured in a fresh process that reloads the saved run (`load_model(RUN)`, packed weights),
+the fp32 model once the same way. Prints Markdown.
 
     python benchmarks/quantize.py                          # default model
     python benchmarks/quantize.py --model tiny:llama --eval-limit 2 --n-calib 4 \\
@@ -24,13 +25,15 @@ OPTLAB = [sys.executable, "-m", "optlab.cli"]
 UNIFORM = ["rtn8", "rtn4", "rtn3", "gptq4", "gptq3"]
 ALLOCATED = [f"{s}@{b}" for s in ("cmpq", "pmpq", "tdmpq") for b in ("3.5", "4", "4.5")]
 
-SPEED = """
+MEASURE = """
 import json, sys, time, torch
 from optlab.api import load_model
+from optlab.eval.perplexity import wiki_perplexity
+model, seq_len, limit, prompt, new = sys.argv[1], *map(int, sys.argv[2:])
+lm = load_model(model)
+ppl = wiki_perplexity(lm, seq_len, limit, progress=False)["perplexity"]
 torch.manual_seed(0)
-lm = load_model(sys.argv[1])
-prompt = torch.randint(0, min(lm.model.config.vocab_size, 256), (1, int(sys.argv[2])))
-new = int(sys.argv[3])
+prompt = torch.randint(0, min(lm.model.config.vocab_size, 256), (1, prompt))
 with torch.no_grad():
     lm.model(prompt[:, :8])  # warm-up: builds kernel layouts
     start = time.perf_counter(); lm.model(prompt); prefill = time.perf_counter() - start
@@ -38,7 +41,8 @@ with torch.no_grad():
     lm.model.generate(prompt[:, :16], max_new_tokens=new, min_new_tokens=new, do_sample=False,
                       pad_token_id=0)
     decode = time.perf_counter() - start
-print(json.dumps({"prefill_tok_s": prompt.shape[1] / prefill, "decode_tok_s": new / decode}))
+print(json.dumps({"perplexity": ppl, "prefill_tok_s": prompt.shape[1] / prefill,
+                  "decode_tok_s": new / decode}))
 """
 
 
@@ -49,11 +53,13 @@ def optlab(*args: str) -> dict:
     return json.loads(done.stdout)
 
 
-def speed(model: str, prompt: int, new: int) -> dict:
-    done = subprocess.run([sys.executable, "-c", SPEED, model, str(prompt), str(new)],
+def measure(model: str, args: argparse.Namespace) -> dict:
+    """wiki:eval perplexity, prefill and decoding speed of a model or run, in a fresh process."""
+    numbers = (args.seq_len, args.eval_limit, args.prompt, args.new_tokens)
+    done = subprocess.run([sys.executable, "-c", MEASURE, model, *map(str, numbers)],
                           capture_output=True, text=True)  # fmt: skip
     if done.returncode:
-        sys.exit(f"speed of {model} failed:\n{done.stderr}")
+        sys.exit(f"measuring {model} failed:\n{done.stderr}")
     return json.loads(done.stdout)
 
 
@@ -86,8 +92,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32, help="decoded tokens for speed")
     args = parser.parse_args()
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    common = ["--n-calib", str(args.n_calib), "--seq-len", str(args.seq_len),
-              "--eval-limit", str(args.eval_limit), "--group-size", args.group_size,
+    common = ["--n-calib", str(args.n_calib), "--seq-len", str(args.seq_len), "--no-eval",
+              "--group-size", args.group_size,
               *(["--embed-bits", args.embed_bits] if args.embed_bits else [])]  # fmt: skip
     print(
         f"model {args.model}; calibration {args.n_calib} x {args.seq_len} tokens of wiki:calib; "
@@ -99,8 +105,8 @@ def main() -> None:
     row("config", "avg bits", "bits incl. scales", "perplexity", "vs fp32", "file MB",
         "vs FP16", "prefill tok/s", "decode tok/s", "kernels")  # fmt: skip
     row(*["---"] * 10)
-    base_speed = speed(args.model, args.prompt, args.new_tokens)
-    base = None
+    base = measure(args.model, args)
+    fp16_mb = None
     scored: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="optlab-bench-") as work:
         for config in configs:
@@ -108,16 +114,16 @@ def main() -> None:
             r = optlab("quantize", args.model, *flags(config, args, scored), *common, "--out", out)
             if "@" in config:
                 scored.setdefault(config.split("@")[0], out)
-            if base is None:
-                base = r["perplexity_before"]["perplexity"]
-                row("fp32", 32, 32, f"{base:.2f}", "1.00x", f"{4 * r['fp16_bytes'] / 2e6:.1f}",
-                    "0.50x", f"{base_speed['prefill_tok_s']:.0f}",
-                    f"{base_speed['decode_tok_s']:.1f}", "-")  # fmt: skip
-            ppl = r["perplexity_after"]["perplexity"]
-            s = speed(out, args.prompt, args.new_tokens)
+            if fp16_mb is None:
+                fp16_mb = r["fp16_bytes"] / 1e6
+                row("fp32", 32, 32, f"{base['perplexity']:.2f}", "1.00x", f"{2 * fp16_mb:.1f}",
+                    "0.50x", f"{base['prefill_tok_s']:.0f}", f"{base['decode_tok_s']:.1f}",
+                    "-")  # fmt: skip
+            s = measure(out, args)
             kernels = ", ".join(f"{k} {n}" for k, n in sorted(r["kernels"].items()))
-            row(config, f"{r['avg_bits']:.2f}", f"{r['effective_bits']:.2f}", f"{ppl:.2f}",
-                f"{ppl / base:.2f}x", f"{r['file_mb']:.1f}", f"{r['compression_vs_fp16']:.2f}x",
+            row(config, f"{r['avg_bits']:.2f}", f"{r['effective_bits']:.2f}",
+                f"{s['perplexity']:.2f}", f"{s['perplexity'] / base['perplexity']:.2f}x",
+                f"{r['file_mb']:.1f}", f"{r['compression_vs_fp16']:.2f}x",
                 f"{s['prefill_tok_s']:.0f}", f"{s['decode_tok_s']:.1f}",
                 kernels or "-")  # fmt: skip
 
