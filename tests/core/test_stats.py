@@ -50,3 +50,24 @@ def test_hessian_of_a_real_block_input() -> None:
         lm.model(random_ids(1, 12))
     x = captured[0]
     torch.testing.assert_close(hessian.matrix, 2 / 12 * x.T @ x)
+
+
+def test_linears_fed_the_same_input_share_one_statistic() -> None:
+    """q/k/v (and gate/up) see one tensor: one Hessian, each batch added once, still exact."""
+    lm = load_model("tiny:llama")
+    block = Anatomy.of(lm.model).blocks[0]
+    linears = Anatomy.of(lm.model).linears(block)
+    stats = {n: Hessian(weight_matrix(m).shape[1]) for n, m in linears.items()}
+    captured = {n: [] for n in linears}
+    for name, module in linears.items():
+        module.register_forward_hook(lambda m, a, o, n=name: captured[n].append(a[0].detach()))
+    with record_inputs(linears, stats), torch.no_grad():
+        for ids in (random_ids(1, 12), random_ids(2, 7)):
+            lm.model(ids)
+    q, k, v = (stats[f"self_attn.{p}_proj"] for p in "qkv")
+    assert q is k is v and stats["mlp.gate_proj"] is stats["mlp.up_proj"]
+    assert len({id(s) for s in stats.values()}) == 4  # q/k/v, o, gate/up, down
+    for name, stat in stats.items():
+        rows = torch.cat([x.reshape(-1, x.shape[-1]) for x in captured[name]])
+        assert stat.tokens == rows.shape[0] == 26
+        torch.testing.assert_close(stat.matrix, 2 / 26 * rows.T @ rows)

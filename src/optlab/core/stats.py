@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -55,17 +55,37 @@ class Hessian:
 
 @contextlib.contextmanager
 def record_inputs(
-    modules: Mapping[str, nn.Module], stats: Mapping[str, InputStatistic]
+    modules: Mapping[str, nn.Module], stats: dict[str, InputStatistic]
 ) -> Iterator[None]:
-    """While open, every forward of ``modules[name]`` adds its input to ``stats[name]``."""
+    """While open, every forward of ``modules[name]`` adds its input to ``stats[name]``.
+
+    Modules that are handed the very same input tensor one after the other (the q/k/v
+    projections, gate/up) share one statistic: the first time it happens, the later module's
+    entry in ``stats`` becomes the earlier one's object, and each input is then added once.
+    """
+    last: list[Any] = [None, None]  # the last input added and its statistic (kept alive)
+    fed: set[str] = set()
+
+    def hook(name: str, x: torch.Tensor) -> None:
+        if x is last[0]:
+            if name not in fed:  # first batch: join the statistic that took this input
+                stats[name] = last[1]
+                fed.add(name)
+            if stats[name] is last[1]:
+                return
+        stats[name].add_batch(x.detach())
+        last[:] = x, stats[name]
+        fed.add(name)
+
     handles = [
         modules[name].register_forward_hook(
-            lambda _module, args, _out, stat=stat: stat.add_batch(args[0].detach())
+            lambda _module, args, _out, name=name: hook(name, args[0])
         )
-        for name, stat in stats.items()
+        for name in stats
     ]
     try:
         yield
     finally:
+        last[:] = None, None
         for handle in handles:
             handle.remove()
