@@ -81,12 +81,15 @@ class QuantConfig:
 
     def score_settings(self, model: str) -> dict[str, Any]:
         """Everything a sensitivity score depends on: reused scores must match it."""
+        own = {"tdmpq": {"error_bits": min(parse_widths(self.tiers or self.widths)),
+                         "group_size": self.group_size},
+               "pmpq": {"prune_fraction": self.prune_fraction},
+               "cmpq": {"cca_dims": self.cca_dims}}  # fmt: skip
         return {
             "model": model, "method": self.sensitivity, "granularity": self.granularity,
-            "error_bits": min(parse_widths(self.tiers or self.widths)),
-            "group_size": self.group_size, "calib": self.calib, "n_calib": self.n_calib,
-            "seq_len": self.seq_len, "batch_size": self.batch_size, "seed": self.seed,
-            "prune_fraction": self.prune_fraction, "cca_dims": self.cca_dims,
+            "calib": self.calib, "n_calib": self.n_calib, "seq_len": self.seq_len,
+            "batch_size": self.batch_size, "seed": self.seed,
+            **own.get(str(self.sensitivity), {}),
         }  # fmt: skip
 
     def validate(self) -> None:
