@@ -54,7 +54,11 @@ def unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     if bits == 8:
         return packed[..., :count]
     *lead, _ = packed.shape
-    chunks = packed.reshape(*lead, -1, bits).to(torch.int64)
+    if bits in (2, 4):  # byte-aligned: shift and mask in uint8 (an order of magnitude faster)
+        mask = (1 << bits) - 1
+        parts = [(packed >> (bits * i)) & mask for i in range(8 // bits)]
+        return torch.stack(parts, dim=-1).reshape(*lead, -1)[..., :count]
+    chunks = packed.reshape(*lead, -1, bits).to(torch.int32)  # 24-bit words fit
     byte_shifts = torch.arange(bits, device=packed.device) * 8
     words = (chunks << byte_shifts).sum(-1, keepdim=True)
     shifts = torch.arange(8, device=packed.device) * bits

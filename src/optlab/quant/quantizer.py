@@ -84,11 +84,18 @@ def dequantize(
     group_size: int,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """w_hat = (q - z) * s, with each group's scale and zero repeated over its columns."""
-    cols = codes.shape[1]
-    scale = scales.float().repeat_interleave(group_size, dim=1)[:, :cols]
-    zero = zeros.float().repeat_interleave(group_size, dim=1)[:, :cols]
-    return ((codes.float() - zero) * scale).to(dtype)
+    """w_hat = (q - z) * s, each group's scale and zero broadcast over its columns (the last
+    group may be shorter)."""
+    rows, cols = codes.shape
+    split = cols // group_size * group_size  # columns in whole groups
+    scale, zero = scales.float()[..., None], zeros.float()[..., None]
+    groups = split // group_size
+    w = torch.empty(rows, cols, dtype=torch.float32, device=codes.device)
+    whole = codes[:, :split].reshape(rows, groups, group_size).float()
+    w[:, :split] = ((whole - zero[:, :groups]) * scale[:, :groups]).reshape(rows, split)
+    if split < cols:
+        w[:, split:] = (codes[:, split:].float() - zero[:, -1]) * scale[:, -1]
+    return w.to(dtype)
 
 
 def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int | None = 128) -> QuantizedWeight:
