@@ -67,7 +67,7 @@ def record_inputs(
     fed: set[str] = set()
 
     def hook(name: str, x: torch.Tensor) -> None:
-        if x is last[0]:
+        if x is last[0] and type(stats[name]) is type(last[1]):
             if name not in fed:  # first batch: join the statistic that took this input
                 stats[name] = last[1]
                 fed.add(name)

@@ -54,7 +54,7 @@ def unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     if bits == 8:
         return packed[..., :count]
     *lead, _ = packed.shape
-    if bits in (2, 4):  # byte-aligned: shift and mask in uint8 (an order of magnitude faster)
+    if bits in (2, 4):  # byte-aligned: shift and mask in uint8, no int64 words
         mask = (1 << bits) - 1
         parts = [(packed >> (bits * i)) & mask for i in range(8 // bits)]
         return torch.stack(parts, dim=-1).reshape(*lead, -1)[..., :count]
