@@ -79,9 +79,14 @@ class QuantConfig:
     scores_from: str | None = None  # an earlier run (or its sensitivity.json): skip scoring
     seed: int = 0
 
+    @property
+    def error_bits(self) -> int:
+        """The lowest candidate width: tdmpq scores each unit's error at it."""
+        return min(parse_widths(self.tiers or self.widths))
+
     def score_settings(self, model: str) -> dict[str, Any]:
         """Everything a sensitivity score depends on: reused scores must match it."""
-        own = {"tdmpq": {"error_bits": min(parse_widths(self.tiers or self.widths)),
+        own = {"tdmpq": {"error_bits": self.error_bits,
                          "group_size": self.group_size},
                "pmpq": {"prune_fraction": self.prune_fraction},
                "cmpq": {"cca_dims": self.cca_dims}}  # fmt: skip
@@ -233,9 +238,8 @@ def quantize(lm: LoadedModel, config: QuantConfig, *, progress: bool = True) -> 
         log.info("reusing the %s sensitivities of %s", config.sensitivity, config.scores_from)
     elif scoring:
         log.info("scoring %d units with %s", len(units), config.sensitivity)
-        lowest = min(parse_widths(config.tiers or config.widths))  # tdmpq's error width
         scores = sensitivities(
-            model, config.sensitivity, windows, units, bits=lowest,
+            model, config.sensitivity, windows, units, bits=config.error_bits,
             group_size=config.group_size, prune_fraction=config.prune_fraction,
             cca_dims=config.cca_dims,
         )  # fmt: skip
