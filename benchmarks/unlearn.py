@@ -36,6 +36,7 @@ def change(before: float, after: float) -> str:
 def sweep(args: argparse.Namespace, scenario: str, work: Path) -> list[dict]:
     flags = ["--methods", args.methods, "--seeds", args.seeds, "--steps", str(args.steps),
              "--lr", str(args.lr), "--batch-size", str(args.batch_size),
+             "--retain-weight", str(args.retain_weight),
              "--samples", str(args.samples), "--eval-limit", str(args.eval_limit),
              "--eval-seq-len", str(args.eval_seq_len), "--max-new-tokens",
              str(args.max_new_tokens), "--device", args.device]  # fmt: skip
@@ -83,6 +84,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--retain-weight", type=float, default=1.0)
     parser.add_argument("--lora", action="store_true")
     parser.add_argument("--teach-steps", type=int, default=100, help="book: LoRA teaching")
     parser.add_argument("--teach-lr", type=float, default=1e-3)
@@ -94,7 +96,8 @@ def main() -> None:
     args = parser.parse_args()
     trained = "LoRA on q/v" if args.lora else "all weights"
     print(f"model {args.model} on {args.device}; {args.steps} steps, lr {args.lr}, "
-          f"batch {args.batch_size}, {trained}; seeds {args.seeds}; perplexity on "
+          f"batch {args.batch_size}, retain weight {args.retain_weight}, {trained}; "
+          f"seeds {args.seeds}; perplexity on "
           f"{args.eval_limit} x {args.eval_seq_len} tokens of wiki:eval\n")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="optlab-bench-") as work:
         for scenario in args.scenarios.split(","):

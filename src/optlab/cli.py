@@ -489,6 +489,8 @@ def _unlearn_parser(command: Callable[..., argparse.ArgumentParser]) -> None:
     train.add_argument("--lr", type=float, default=2e-6, help="AdamW learning rate (2e-6)")
     train.add_argument("--batch-size", type=_positive, default=2, help="examples per set (2)")
     train.add_argument("--beta", type=float, default=1.0, help="NPO beta (1)")
+    train.add_argument("--retain-weight", type=float, default=1.0,
+                       help="retain term weight: graddiff/npo CE, ga_kl_rand KL (1)")  # fmt: skip
     train.add_argument(
         "--teach-steps",
         type=_positive,
@@ -528,7 +530,8 @@ def cmd_unlearn(args: argparse.Namespace) -> dict[str, Any]:
 
     config = UnlearnConfig(
         method=args.method, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-        lora=args.lora, beta=args.beta, stop_forget_ce=args.stop_forget_ce, seed=args.seed,
+        lora=args.lora, beta=args.beta, retain_weight=args.retain_weight,
+        stop_forget_ce=args.stop_forget_ce, seed=args.seed,
     )  # fmt: skip
     eval_config = EvalConfig(max_new_tokens=args.max_new_tokens, samples=args.samples,
                              js_mode=args.js, ppl_limit=args.eval_limit,

@@ -83,6 +83,9 @@ def test_signs_and_parts_of_each_loss(lm) -> None:
         loss, parts = LOSSES["npo"](x)
         assert parts["npo"] == pytest.approx(2 * math.log(2) / beta, rel=1e-5)
         assert loss.item() == pytest.approx(2 * math.log(2) / beta + r_ce, rel=1e-5)
+    x.beta, x.retain_weight = 1.0, 3.0  # alpha weighs the retain term only
+    assert LOSSES["graddiff"](x)[0].item() == pytest.approx(3 * r_ce - f_ce, rel=1e-5)
+    assert LOSSES["npo"](x)[0].item() == pytest.approx(2 * math.log(2) + 3 * r_ce, rel=1e-5)
 
 
 def test_npo_matches_its_formula_against_a_different_reference(lm) -> None:

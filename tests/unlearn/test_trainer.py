@@ -73,6 +73,8 @@ def test_config_and_data_errors() -> None:
         UnlearnConfig(method="gradiff")
     with pytest.raises(OptlabError, match="steps"):
         UnlearnConfig(steps=0)
+    with pytest.raises(OptlabError, match="retain_weight"):
+        UnlearnConfig(retain_weight=-1.0)
     lm = load_model("tiny:llama", seed=0)
     with pytest.raises(OptlabError, match="needs a retain set"):
         unlearn(lm, FORGET, None, UnlearnConfig(method="graddiff"), progress=False)

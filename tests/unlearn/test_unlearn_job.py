@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import yaml
 
 from optlab.cli import main
 from optlab.core.models import load_model
@@ -60,6 +61,7 @@ def test_cli_unlearns_user_files_and_writes_the_suite(taught_model, tmp_path, ca
     out = tmp_path / "run"
     argv = ["unlearn", str(taught_model), "--forget", str(forget), "--retain", str(retain),
             "--holdout", str(holdout), "--method", "graddiff", "--lora", "--steps", "3",
+            "--retain-weight", "2",
             "--lr", "1e-2", "--out", str(out), "--json", *EVAL_FLAGS]  # fmt: skip
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
@@ -67,6 +69,7 @@ def test_cli_unlearns_user_files_and_writes_the_suite(taught_model, tmp_path, ca
         assert key in result and key in result["base"]
         assert not math.isnan(result[key]), key
     assert result["training"]["optimizer_steps"] == 3
+    assert yaml.safe_load((out / "config.yaml").read_text())["retain_weight"] == 2.0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["FA"] == result["FA"] and (out / "model" / "config.json").exists()
     assert (out / "forget.jsonl").read_text() == forget.read_text()

@@ -10,11 +10,14 @@ gradient ascent on the forget set is ``-CE(forget)``.
 ``ga_kl_rand``  0.5 * -CE(forget) + CE(random retain answer | forget question)
                 + KL(p_orig || p_cur) on retain tokens (Yao et al. 2023; a document has
                 no question, so its "random answers" are retain texts on their own)
-``graddiff``    -CE(forget) + CE(retain)
-``npo``         -2/β · mean log σ(-β (log π(a|q) - log π_ref(a|q))) + CE(retain)
+``graddiff``    -CE(forget) + α CE(retain)
+``npo``         -2/β · mean log σ(-β (log π(a|q) - log π_ref(a|q))) + α CE(retain)
                 (Zhang et al. 2024, sequence log-likelihoods; open-unlearning's form)
 ``retain_only`` CE(retain): the oracle, trained without the forget set
 ==============  ==========================================================================
+
+α is ``retain_weight`` (1 by default, as open-unlearning's ``alpha``); it also weighs the KL
+term of ``ga_kl_rand``.
 
 >>> loss, parts = LOSSES["graddiff"](LossInputs(model, forget, retain))
 >>> parts
@@ -43,6 +46,7 @@ class LossInputs:
     random: Batch | None = None  # forget questions with random retain answers
     reference: nn.Module | None = None
     beta: float = 1.0  # NPO's inverse temperature
+    retain_weight: float = 1.0  # α: the weight of the retain term
 
 
 Loss = Callable[[LossInputs], tuple[torch.Tensor, dict[str, float]]]
@@ -97,7 +101,7 @@ def ga_kl_rand(x: LossInputs) -> tuple[torch.Tensor, dict[str, float]]:
     forget_ce = answer_ce(x.model, x.forget)
     random_ce = answer_ce(x.model, x.random)
     kl = retain_kl(x.model, x.reference, x.retain)
-    loss = -0.5 * forget_ce + random_ce + kl
+    loss = -0.5 * forget_ce + random_ce + x.retain_weight * kl
     return loss, {"forget_ce": forget_ce.item(), "random_ce": random_ce.item(), "kl": kl.item()}
 
 
@@ -105,7 +109,8 @@ def graddiff(x: LossInputs) -> tuple[torch.Tensor, dict[str, float]]:
     if x.retain is None:
         raise ValueError("graddiff needs retain inputs")
     forget_ce, retain_ce = answer_ce(x.model, x.forget), answer_ce(x.model, x.retain)
-    return retain_ce - forget_ce, {"forget_ce": forget_ce.item(), "retain_ce": retain_ce.item()}
+    loss = x.retain_weight * retain_ce - forget_ce
+    return loss, {"forget_ce": forget_ce.item(), "retain_ce": retain_ce.item()}
 
 
 def npo(x: LossInputs) -> tuple[torch.Tensor, dict[str, float]]:
@@ -116,7 +121,8 @@ def npo(x: LossInputs) -> tuple[torch.Tensor, dict[str, float]]:
         reference = sequence_logprob(x.reference, x.forget)
     forget_loss = -2 / x.beta * F.logsigmoid(-x.beta * (current - reference)).mean()
     retain_ce = answer_ce(x.model, x.retain)
-    return forget_loss + retain_ce, {"npo": forget_loss.item(), "retain_ce": retain_ce.item()}
+    loss = forget_loss + x.retain_weight * retain_ce
+    return loss, {"npo": forget_loss.item(), "retain_ce": retain_ce.item()}
 
 
 def retain_only(x: LossInputs) -> tuple[torch.Tensor, dict[str, float]]:

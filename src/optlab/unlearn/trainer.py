@@ -41,7 +41,8 @@ LORA_TARGETS = ("q_proj", "v_proj", "c_attn", "query_key_value", "qkv_proj", "Wq
 class UnlearnConfig:
     """How to unlearn. ``steps`` optimizer steps of ``grad_accum`` micro-batches, each with
     ``batch_size`` forget and ``batch_size`` retain examples; ``random_answers`` is the K of
-    ``ga_kl_rand``; ``stop_forget_ce`` ends training once the forget cross-entropy exceeds it.
+    ``ga_kl_rand``; ``retain_weight`` weighs the retain term (graddiff, npo: retain CE;
+    ga_kl_rand: its KL); ``stop_forget_ce`` ends training once the forget cross-entropy exceeds it.
 
     >>> UnlearnConfig(method="npo", lora=True, lr=1e-4, steps=50)
     """
@@ -57,6 +58,7 @@ class UnlearnConfig:
     alpha: float = 16.0
     random_answers: int = 5
     beta: float = 1.0
+    retain_weight: float = 1.0
     stop_forget_ce: float | None = None
     max_length: int = 256
     seed: int = 8888
@@ -71,6 +73,8 @@ class UnlearnConfig:
             raise OptlabError(f"lr must be positive, got {self.lr}")
         if not self.beta > 0:
             raise OptlabError(f"beta must be positive, got {self.beta}")
+        if not self.retain_weight >= 0:
+            raise OptlabError(f"retain_weight must be 0 or more, got {self.retain_weight}")
         if not 0 <= self.warmup < 1:
             raise OptlabError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
 
@@ -177,7 +181,8 @@ def unlearn(
         use_forget = forget and config.method != "retain_only"
         forget_examples = forget_draw.take(config.batch_size) if use_forget else []
         inputs = LossInputs(wrapped, batch(forget_examples) if forget_examples else None,
-                            reference=reference, beta=config.beta)  # fmt: skip
+                            reference=reference, beta=config.beta,
+                            retain_weight=config.retain_weight)  # fmt: skip
         if needs_retain:
             inputs.retain = batch(retain_draw.take(config.batch_size))
         if config.method == "ga_kl_rand":
