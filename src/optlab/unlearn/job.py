@@ -84,8 +84,7 @@ def prepare(
         info["teaching"] = {k: v for k, v in taught.metrics.items() if k != "losses"}
     oracle = _with_model(lm, before)
     if config.method == "retain_only" or scenario.retain:
-        oracle_config = replace(config, method="retain_only", retain_weight=1.0,
-                                stop_forget_ce=None)  # fmt: skip
+        oracle_config = replace(config, method="retain_only", stop_forget_ce=None)
         unlearn(oracle, [], scenario.retain, oracle_config, progress=progress)
     else:
         log.warning("no retain set: the oracle is the model before teaching, untrained")
