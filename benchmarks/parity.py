@@ -24,6 +24,7 @@ from transformers.models.llama import modeling_llama
 from optlab.api import evaluate
 from optlab.core.data import load_text, sample_windows
 from optlab.core.models import LoadedModel, load_model
+from optlab.prune.masks import Pattern
 from optlab.prune.pruner import PruneConfig, prune
 
 
@@ -88,17 +89,18 @@ def main() -> None:
         "official s", "optlab s", "time ratio")  # fmt: skip
     row(*["---"] * 8)
     for pattern in args.patterns.split(","):
-        n, m = (0, 0) if pattern == "unstructured" else map(int, pattern.split(":"))
+        shape = Pattern.parse(pattern, None)  # N:M fixes the sparsity; unstructured is 50%
+        settings = types.SimpleNamespace(
+            nsamples=args.n_calib, seed=0, sparsity_ratio=shape.sparsity, use_variant=False
+        )
         for method in args.methods.split(","):
             theirs = load_model(args.model)
             theirs.model.seqlen, theirs.model.hf_device_map = args.seq_len, {}
-            settings = types.SimpleNamespace(
-                nsamples=args.n_calib, seed=0, sparsity_ratio=0.5, use_variant=False
-            )
             start = time.perf_counter()
             getattr(official, f"prune_{method}")(
-                settings, theirs.model, theirs.tokenizer, torch.device("cpu"), prune_n=n, prune_m=m
-            )
+                settings, theirs.model, theirs.tokenizer, torch.device("cpu"),
+                prune_n=shape.n, prune_m=shape.m,
+            )  # fmt: skip
             official_s = time.perf_counter() - start
             official_ppl = perplexity(theirs)
 
