@@ -21,11 +21,12 @@ import torch
 from prune import row
 from transformers.models.llama import modeling_llama
 
-from optlab.api import evaluate
+from optlab.api import evaluate, prune
+from optlab.core.calibration import Calibration
+from optlab.core.config import config_from_dict
 from optlab.core.data import load_text, sample_windows
 from optlab.core.models import LoadedModel, load_model
 from optlab.prune.masks import Pattern
-from optlab.prune.pruner import PruneConfig, prune
 
 
 def import_official(folder: Path) -> types.ModuleType:
@@ -106,9 +107,9 @@ def main() -> None:
 
             ours = load_model(args.model)
             start = time.perf_counter()
-            config = PruneConfig(method=method, pattern=pattern, n_calib=args.n_calib,
-                                 seq_len=args.seq_len)  # fmt: skip
-            prune(ours, config, progress=False)
+            config = config_from_dict({"type": method, "pattern": pattern})
+            calib = Calibration(n=args.n_calib, seq_len=args.seq_len)
+            prune(ours, config, calib=calib, progress=False)
             optlab_s = time.perf_counter() - start
             optlab_ppl = perplexity(ours)
             row(method, pattern, f"{official_ppl:.2f}", f"{optlab_ppl:.2f}",

@@ -15,14 +15,19 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
-    from optlab import api
+    import importlib
 
+    if name == "api":  # `from optlab import api` asks here before importing the submodule
+        raise AttributeError(name)
+    api = importlib.import_module("optlab.api")
     if name in api.__all__:
         return getattr(api, name)
     raise AttributeError(f"module 'optlab' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    from optlab import api
+    import importlib
+
+    api = importlib.import_module("optlab.api")
 
     return sorted([*globals(), *api.__all__])

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from optlab.api import describe_model, load_model
+from optlab.core.calibration import Calibration
 from optlab.core.config import config_to_dict
 from optlab.core.data import load_text
 from optlab.core.models import LoadedModel
@@ -17,7 +18,7 @@ from optlab.core.run import Run, seed_everything
 from optlab.eval.perplexity import perplexity
 from optlab.eval.scorer import Scorer
 from optlab.eval.tasks import get_task
-from optlab.prune.pruner import PruneConfig, prune
+from optlab.prune.pruner import WandaConfig, prune
 from optlab.quant.quantize import QuantConfig, quantize
 
 log = logging.getLogger("optlab")
@@ -37,12 +38,13 @@ def run_demo(
 ) -> dict[str, Any]:
     """Evaluate the default model, prune it with Wanda and quantize a fresh copy with TDMPQ,
     evaluating each the same way; write ``out``."""
-    prune_config = PruneConfig(method="wanda", sparsity=0.5, n_calib=16, seq_len=SEQ_LEN)
+    prune_config = WandaConfig(sparsity=0.5)
+    calib = Calibration(n=16, seq_len=SEQ_LEN)
     # Groups of 64 divide SmolLM2's 576 and 1536 inputs, so every layer gets the int4 kernel.
     quant_config = QuantConfig(sensitivity="tdmpq", avg_bits=4.5, group_size=64, n_calib=8,
                                seq_len=SEQ_LEN)  # fmt: skip
     config = {"recipe": "quickstart", "model": "default", "seq_len": SEQ_LEN, "limit": limit,
-              "prune": config_to_dict(prune_config),
+              "prune": config_to_dict(prune_config), "prune_calib": config_to_dict(calib),
               "quantize": config_to_dict(quant_config)}  # fmt: skip
     with Run(out, config=config, seed=seed, device=device, dtype=dtype, force=force) as run:
         seed_everything(seed)
@@ -56,7 +58,7 @@ def run_demo(
         log.info("step 1/5: evaluate the dense model")
         metrics["dense"] = _evaluate(lm, limit)
         log.info("step 2/5: prune 50%% of every block linear with Wanda (16 x %d tokens)", SEQ_LEN)
-        pruned = prune(lm, prune_config)
+        pruned = prune(lm, prune_config, calib.windows(lm.tokenizer, SEQ_LEN, seed))
         metrics["prune"] = {"sparsity": pruned["sparsity"]["total"],
                             "seconds": round(pruned["prune_seconds"], 1)}  # fmt: skip
         log.info("step 3/5: evaluate the pruned model")

@@ -2,10 +2,13 @@ import pytest
 import torch
 
 from optlab.core.anatomy import weight_matrix
+from optlab.core.calibration import Calibration
+from optlab.core.config import METHODS
+from optlab.core.models import load_model
 from optlab.core.stats import Hessian, InputNorms
 from optlab.errors import OptlabError
 from optlab.prune.masks import Pattern, check_nm, keep_mask, pruned_linears, sparsity_report
-from optlab.prune.pruner import PruneConfig, prune
+from optlab.prune.pruner import MagnitudeConfig, SparseGPTConfig, WandaConfig, prune
 from optlab.prune.sparsegpt import inverse_hessian_factor, sparsegpt_prune
 
 ROWS, COLS, TOKENS = 16, 64, 512
@@ -97,10 +100,13 @@ def test_sparsegpt_handles_dead_inputs() -> None:
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_every_family_is_pruned_exactly(tiny, method, pattern) -> None:
-    config = PruneConfig(
-        method=method, pattern=pattern, calib="book", n_calib=4, seq_len=32, block_size=32
-    )
-    result = prune(tiny, config, progress=False)
+    config = {
+        "magnitude": MagnitudeConfig(pattern=pattern),
+        "wanda": WandaConfig(pattern=pattern),
+        "sparsegpt": SparseGPTConfig(pattern=pattern, block_size=32),
+    }[method]
+    calib = Calibration(corpus="book", n=4, seq_len=32).windows(tiny.tokenizer, 32, seed=0)
+    result = prune(tiny, config, calib, progress=False)
     assert result["sparsity"]["total"] == 0.5
     for name, module in pruned_linears(tiny.model).items():
         weight = weight_matrix(module)
@@ -118,7 +124,7 @@ def test_layer_group_and_report(family) -> None:
     from optlab.core.models import load_model
 
     lm = load_model(f"tiny:{family}")
-    prune(lm, PruneConfig(method="magnitude", sparsity=0.3, group="layer"), progress=False)
+    prune(lm, MagnitudeConfig(sparsity=0.3, group="layer"), progress=False)
     report = sparsity_report(lm.model)
     for name, module in pruned_linears(lm.model).items():
         assert report["per_layer"][name] == int(weight_matrix(module).numel() * 0.3) / (
@@ -127,20 +133,28 @@ def test_layer_group_and_report(family) -> None:
 
 
 @pytest.mark.parametrize(
-    ("config", "message"),
+    ("make", "message"),
     [
-        (PruneConfig(method="wandaa"), "Did you mean 'wanda'"),
-        (PruneConfig(sparsity=1.5), "sparsity must be in"),
-        (PruneConfig(pattern="2:4", sparsity=0.7), "means sparsity 0.5"),
-        (PruneConfig(group="column"), "use row or layer"),
-        (PruneConfig(calib="wiki:calibb"), "Did you mean 'wiki:calib'"),
+        (lambda: METHODS.get("prune", "wandaa"), "Did you mean 'wanda'"),
+        (lambda: WandaConfig(sparsity=1.5), "sparsity must be in"),
+        (lambda: SparseGPTConfig(pattern="2:4", sparsity=0.7), "means sparsity 0.5"),
+        (lambda: MagnitudeConfig(group="column"), "use row or layer"),
+        (lambda: SparseGPTConfig(damp=1.0), "damp must be in"),
+        (lambda: SparseGPTConfig(block_size=0), "block_size must be a whole number"),
+        (lambda: Calibration(n=0), "n must be a whole number"),
+        (
+            lambda: Calibration(corpus="wiki:calibb").windows(
+                load_model("tiny:llama").tokenizer, 32, 0
+            ),
+            "Did you mean 'wiki:calib'",
+        ),
+        (lambda: prune(load_model("tiny:llama"), WandaConfig()), "wanda needs calibration"),
+        (lambda: prune(load_model("tiny:llama"), Calibration()), "not a prune config"),
     ],
 )
-def test_bad_configs(config, message) -> None:
-    from optlab.core.models import load_model
-
+def test_bad_configs_are_refused_at_once(make, message) -> None:
     with pytest.raises(OptlabError, match=message):
-        prune(load_model("tiny:llama"), config, progress=False)
+        make()
 
 
 def test_cli_prunes_saves_masks_and_reloads(tmp_path, capsys) -> None:

@@ -100,11 +100,13 @@ TINY_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
 
 @dataclass
 class LoadedModel:
-    """A causal LM with its tokenizer and the spec it was loaded from."""
+    """A causal LM with its tokenizer, the spec it was loaded from and the seed of its
+    loading (``random:`` and ``tiny:`` weights depend on it, so a replay needs it)."""
 
     model: nn.Module
     tokenizer: PreTrainedTokenizerBase
     spec: str
+    seed: int = 0
 
     @property
     def family(self) -> str:
@@ -172,7 +174,7 @@ def load_model(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(torch_device).eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec)
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, seed=seed)
 
 
 def _local_or_hub(spec: str) -> str:

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from types import TracebackType
@@ -86,6 +87,16 @@ def _git_sha() -> str | None:
     return sha + ("-dirty" if dirty else "")
 
 
+def check_target(path: str | Path, force: bool) -> None:
+    """Refuse an output path before any work when writing a run there would replace something
+    (or could not replace it): the one "exists; pass --force" check of every command."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise OptlabError(f"run directory {str(path)!r} exists; pass --force to replace it")
+    if path.exists() and not path.is_dir():
+        raise OptlabError(f"{str(path)!r} exists and is not a directory")
+
+
 class Run:
     """A run directory: ``config.yaml``, ``env.json``, ``metrics.json``, ``log.txt``, artefacts.
 
@@ -106,12 +117,7 @@ class Run:
         force: bool = False,
     ) -> None:
         self.path = Path(path)
-        if self.path.exists() and not force:
-            raise OptlabError(
-                f"run directory {str(self.path)!r} exists; pass --force to replace it"
-            )
-        if self.path.exists() and not self.path.is_dir():
-            raise OptlabError(f"{str(self.path)!r} exists and is not a directory")
+        check_target(self.path, force)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.dir = Path(
             tempfile.mkdtemp(prefix=f".{self.path.name}.partial-", dir=self.path.parent)
@@ -191,3 +197,30 @@ def peak_memory_gb() -> dict[str, float]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         peak["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 1024**3
     return peak
+
+
+def execute(
+    body: Callable[[Run | None], dict[str, Any]],
+    *,
+    out: str | Path | None,
+    config: dict[str, Any],
+    seed: int = 0,
+    device: str = "cpu",
+    dtype: str = "float32",
+    force: bool = False,
+) -> tuple[dict[str, Any], Path | None]:
+    """The run harness of every command: seed, then ``body(run)`` in a staged run directory
+    at ``out`` (``body(None)`` when ``out`` is None). What ``body`` returns is merged into
+    ``metrics.json``; the run moves into place only when ``body`` returns, and a failure or
+    an interrupt leaves nothing behind. Returns the metrics and the run's path.
+
+    >>> metrics, path = execute(lambda run: {"x": 1}, out="runs/x", config={"command": "x"})
+    """
+    seed_everything(seed)
+    if out is None:
+        return body(None), None
+    with Run(out, config=config, seed=seed, device=device, dtype=dtype, force=force) as run:
+        metrics = body(run)
+        run.add_metrics(metrics)
+    log.info("run written to %s", run.path)
+    return metrics, run.path

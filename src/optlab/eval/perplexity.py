@@ -7,6 +7,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from optlab.core.config import configurable, option, require_positive
 from optlab.core.data import load_text, token_windows
 from optlab.core.models import LoadedModel
 from optlab.eval.scorer import Scorer
@@ -53,3 +54,24 @@ def wiki_perplexity(
     log.info("wiki:eval perplexity %.3f (%d x %d tokens)", result["perplexity"],
              result["windows"], result["seq_len"])  # fmt: skip
     return result
+
+
+@configurable("perplexity")
+@dataclass(frozen=True)
+class PerplexityEval:
+    """The ``wiki:eval`` perplexity a command measures after its work (``enabled=False``:
+    none). ``seq_len`` defaults to the command's calibration or training length."""
+
+    enabled: bool = option(True, "skip the wiki:eval perplexity", flag="--no-eval")
+    limit: int | None = option(None, "first N perplexity windows only", flag="--eval-limit")
+    seq_len: int | None = option(None, "perplexity window (default: --seq-len)",
+                                 flag="--eval-seq-len")  # fmt: skip
+
+    def __post_init__(self) -> None:
+        require_positive(self, "limit", "seq_len")
+
+    def measure(self, lm: LoadedModel, seq_len: int | None, progress: bool = True) -> Any:
+        """The perplexity dict, or None when disabled; ``seq_len`` is the command's default."""
+        if not self.enabled:
+            return None
+        return wiki_perplexity(lm, self.seq_len or seq_len, self.limit, progress)

@@ -1,17 +1,15 @@
-"""The ``optlab`` command: subcommands map to API calls; no logic of its own.
+"""The commands whose flags are still written by hand (being moved onto generated flags).
 
-Every command takes --json (the result as JSON on stdout, logs on stderr), --seed, --device
-and --dtype. Mistakes in the input print one line on stderr and exit with code 2.
+Each builder adds its subcommand to the parser of :mod:`optlab.cli`; handlers map the parsed
+flags to one API call.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from optlab.errors import OptlabError
@@ -61,21 +59,13 @@ def _positive(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="optlab",
-        description="Compress, accelerate, unlearn, audit, embed with and prompt causal LMs.",
-        epilog=EPILOG_MODELS,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def add_commands(
+    commands: argparse._SubParsersAction, make: Callable[..., argparse.ArgumentParser]
+) -> None:
+    """Add the hand-written subcommands; ``make(name, help, description)`` builds one."""
 
     def command(name: str, help: str, description: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(
-            name, help=help, description=description, epilog=EPILOG_MODELS,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )  # fmt: skip
+        sub = make(name, help, description)
         _common(sub)
         return sub
 
@@ -103,33 +93,6 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=_positive, default=8, help="default 8")
     _output_options(evaluate, required=False, what="also write a run directory here")
     evaluate.set_defaults(handler=cmd_eval)
-
-    prune = command(
-        "prune", "prune a model: magnitude, Wanda or SparseGPT; unstructured or N:M",
-        "Prune every linear layer of the decoder blocks to the same sparsity (embeddings and\n"
-        "the LM head stay dense), layer by layer on calibration windows, then measure\n"
-        "perplexity on wiki:eval and write the pruned model and its masks to --out.\n"
-        "  magnitude   |W|, no calibration\n"
-        "  wanda       |W| * ||x||, per output row (Sun et al. 2023)\n"
-        "  sparsegpt   OBS with weight updates, 1% damping, blocks of 128 (Frantar 2023)\n"
-        "example: optlab prune default --method sparsegpt --pattern 2:4 --out runs/sg24",
-    )  # fmt: skip
-    prune.add_argument("model", metavar="MODEL")
-    prune.add_argument("--method", default="wanda", help="magnitude, wanda or sparsegpt")
-    prune.add_argument("--sparsity", type=float, help="fraction pruned (default 0.5)")
-    prune.add_argument("--pattern", default="unstructured", help="unstructured, 2:4 or 4:8")
-    prune.add_argument("--group", default="row", choices=["row", "layer"],
-                       help="comparison group of magnitude / Wanda (default row)")  # fmt: skip
-    prune.add_argument("--calib", default="wiki:calib", help="calibration corpus or .txt file")
-    prune.add_argument("--n-calib", type=_positive, default=128, help="windows (default 128)")
-    prune.add_argument("--seq-len", type=_positive, help="window tokens (default: context)")
-    prune.add_argument("--batch-size", type=_positive, default=8, help="default 8")
-    prune.add_argument("--damp", type=float, default=0.01, help="SparseGPT damping (0.01)")
-    prune.add_argument("--block-size", type=_positive, default=128, help="SparseGPT (128)")
-    prune.add_argument("--eval-seq-len", type=_positive, help="default: --seq-len")
-    _perplexity_options(prune)
-    _output_options(prune, required=True)
-    prune.set_defaults(handler=cmd_prune)
 
     retrain = command(
         "retrain", "retrain a pruned run: PERP, full retraining or reconstruction",
@@ -232,7 +195,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--limit", type=_positive, default=20, help="perplexity windows (20)")
     demo.set_defaults(handler=cmd_demo)
     _audit_commands(commands)
-    return parser
 
 
 def _audit_commands(commands: argparse._SubParsersAction) -> None:
@@ -357,24 +319,6 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     return evaluate(
         lm, names, limit=args.limit, seq_len=args.seq_len, batch_size=args.batch_size,
         out=args.out, force=args.force, seed=args.seed, config=_config(args),
-    )  # fmt: skip
-
-
-def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
-    from optlab.api import load_model
-    from optlab.prune.pruner import PruneConfig, prune_to_run
-
-    config = PruneConfig(
-        method=args.method, sparsity=args.sparsity, pattern=args.pattern, group=args.group,
-        calib=args.calib, n_calib=args.n_calib, seq_len=args.seq_len,
-        batch_size=args.batch_size, damp=args.damp, block_size=args.block_size, seed=args.seed,
-    )  # fmt: skip
-    config.validate()
-    _refuse_existing(args.out, args.force)
-    lm = load_model(args.model, dtype=args.dtype, device=args.device, seed=args.seed)
-    return prune_to_run(
-        lm, config, args.out, force=args.force, eval_seq_len=args.eval_seq_len,
-        eval_limit=args.eval_limit, evaluate=not args.no_eval,
     )  # fmt: skip
 
 
@@ -569,10 +513,10 @@ def _int_list(text: str) -> list[int]:
 
 def _refuse_existing(out: str | None, force: bool) -> None:
     """Fail before loading anything when the run directory exists."""
-    from pathlib import Path
+    from optlab.core.run import check_target
 
-    if out is not None and Path(out).exists() and not force:
-        raise OptlabError(f"run directory {out!r} exists; pass --force to replace it")
+    if out is not None:
+        check_target(out, force)
 
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
@@ -585,61 +529,3 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
 
 def _config(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k not in ("handler", "json", "verbose")}
-
-
-def _print_human(result: dict[str, Any], indent: str = "") -> None:
-    for key, value in result.items():
-        if isinstance(value, dict):
-            print(f"{indent}{key}")
-            _print_human(value, indent + "  ")
-        elif isinstance(value, float):
-            print(f"{indent}{key:<22} {value:.4g}")
-        else:
-            print(f"{indent}{key:<22} {value}")
-
-
-def _log_to_stderr(verbose: bool) -> None:
-    for old in [h for h in log.handlers if getattr(h, "optlab_cli", False)]:
-        log.removeHandler(old)  # main() may run several times in one process (tests)
-    stream = logging.StreamHandler(sys.stderr)
-    stream.setFormatter(logging.Formatter("optlab: %(message)s"))
-    stream.optlab_cli = True  # type: ignore[attr-defined]
-    log.addHandler(stream)
-    log.setLevel(logging.DEBUG if verbose else logging.INFO)
-
-
-def _quiet_libraries() -> None:
-    import warnings
-
-    import huggingface_hub
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    huggingface_hub.utils.logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", module="transformers")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _log_to_stderr(args.verbose)
-    _quiet_libraries()
-    handler: Callable[[argparse.Namespace], dict[str, Any]] = args.handler
-    try:
-        result = handler(args)
-    except OptlabError as err:
-        print(f"optlab: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("optlab: interrupted", file=sys.stderr)
-        return 130
-    if args.json:
-        print(json.dumps(result, indent=2, default=str))
-    else:
-        _print_human(result)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

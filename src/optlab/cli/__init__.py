@@ -1,0 +1,132 @@
+"""The ``optlab`` command: subcommands map to API calls; no logic of its own.
+
+Commands registered in :data:`optlab.core.job.COMMANDS` get flags generated from their
+configs (:mod:`optlab.cli.generate`); the others are still written by hand
+(:mod:`optlab.cli.legacy`). Every command takes --json (the result as JSON on stdout, logs on
+stderr), --seed, --device and --dtype. Mistakes in the input, argument errors included,
+print one ``optlab: error:`` line on stderr and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from optlab.cli import legacy, runs
+from optlab.cli.generate import add_command, job_from_args
+from optlab.errors import OptlabError
+
+log = logging.getLogger("optlab")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``optlab: error: prune: --n-calib: expected ...``."""
+
+    def error(self, message: str) -> NoReturn:
+        where = self.prog.removeprefix("optlab").strip()
+        print(f"optlab: error: {where + ': ' if where else ''}{message} "
+              f"(see `{self.prog} --help`)", file=sys.stderr)  # fmt: skip
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from optlab.commands import registered
+
+    parser = Parser(
+        prog="optlab",
+        description="Compress, accelerate, unlearn, audit, embed with and prompt causal LMs.",
+        epilog=legacy.EPILOG_MODELS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def make(name: str, help: str, description: str) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name, help=help, description=description, epilog=legacy.EPILOG_MODELS,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )  # fmt: skip
+
+    for command in registered():
+        add_command(commands, command, legacy.EPILOG_MODELS)
+    legacy.add_commands(commands, make)
+    runs.add_commands(commands)
+    return parser
+
+
+def _run_generated(args: argparse.Namespace) -> dict[str, Any]:
+    from optlab.core.job import run_job
+
+    job = job_from_args(args._command, args)
+    return run_job(job, args.out, force=args.force).to_dict()
+
+
+def _print_human(result: dict[str, Any], indent: str = "") -> None:
+    for key, value in result.items():
+        if isinstance(value, dict):
+            print(f"{indent}{key}")
+            _print_human(value, indent + "  ")
+        elif isinstance(value, float):
+            print(f"{indent}{key:<22} {value:.4g}")
+        else:
+            print(f"{indent}{key:<22} {value}")
+
+
+def _log_to_stderr(verbose: bool) -> None:
+    for old in [h for h in log.handlers if getattr(h, "optlab_cli", False)]:
+        log.removeHandler(old)  # main() may run several times in one process (tests)
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(logging.Formatter("optlab: %(message)s"))
+    stream.optlab_cli = True  # type: ignore[attr-defined]
+    log.addHandler(stream)
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def _quiet_libraries() -> None:
+    import warnings
+
+    import huggingface_hub
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", module="transformers")
+
+
+def _terminate(signum: int, frame: Any) -> NoReturn:
+    raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C: staged runs are removed
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _log_to_stderr(args.verbose)
+    _quiet_libraries()
+    handler: Callable[[argparse.Namespace], dict[str, Any]] = (
+        _run_generated if hasattr(args, "_command") else args.handler
+    )
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    try:
+        result = handler(args)
+    except OptlabError as err:
+        print(f"optlab: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("optlab: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        _print_human(result)
+    return 0
