@@ -63,11 +63,16 @@ def test_bad_input_is_one_clear_line_and_exit_2(capsys, tmp_path, args, message)
     assert not (tmp_path / "o").exists()  # nothing written
 
 
-def test_argument_errors_exit_2(capsys) -> None:
+def test_argument_errors_exit_2_with_one_line(capsys) -> None:
+    assert main(["eval", "tiny:opt", "--limit", "0"]) == 2
+    assert capsys.readouterr().err == (
+        "optlab: error: limit must be a whole number of at least 1, got 0\n"
+    )
     with pytest.raises(SystemExit) as exit_:
-        main(["eval", "tiny:opt", "--limit", "0"])
+        main(["eval", "tiny:opt", "--limit", "two"])
     assert exit_.value.code == 2
-    assert "expected a positive integer" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--limit: expected a whole number, got 'two'" in err
 
 
 def test_help_teaches_the_model_specs(capsys) -> None:

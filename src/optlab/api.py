@@ -21,20 +21,41 @@ from optlab.core.calibration import Calibration
 from optlab.core.job import GIVEN, Job, Result, load_job, run_job
 from optlab.core.layerwise import BlockContext, run_layerwise
 from optlab.core.models import LoadedModel, load_model
-from optlab.core.run import Run, execute, peak_memory_gb, seed_everything
+from optlab.core.run import Run, execute, peak_memory_gb
 from optlab.errors import OptlabError
 from optlab.eval.perplexity import PerplexityEval, perplexity
 from optlab.eval.scorer import Scorer, context_length
-from optlab.eval.tasks import get_task, run_tasks
+from optlab.eval.tasks import TaskEval, get_task, run_tasks
 from optlab.prune import pruner
 from optlab.prune.masks import save_sparse_model
 from optlab.prune.pruner import MagnitudeConfig, PruneMethodConfig, SparseGPTConfig, WandaConfig
 
 __all__ = [
-    "Anatomy", "BlockContext", "Calibration", "LoadedModel", "MagnitudeConfig", "OptlabError",
-    "PerplexityEval", "Result", "Run", "Scorer", "SparseGPTConfig", "WandaConfig",
-    "describe_model", "evaluate", "get_task", "load_model", "perplexity", "prune", "rerun",
-    "resolve_model", "run_layerwise", "run_tasks", "weight_matrix",
+    "Anatomy",
+    "BlockContext",
+    "Calibration",
+    "LoadedModel",
+    "MagnitudeConfig",
+    "OptlabError",
+    "PerplexityEval",
+    "Result",
+    "Run",
+    "Scorer",
+    "SparseGPTConfig",
+    "TaskEval",
+    "WandaConfig",
+    "describe_model",
+    "evaluate",
+    "get_task",
+    "info",
+    "load_model",
+    "perplexity",
+    "prune",
+    "rerun",
+    "resolve_model",
+    "run_layerwise",
+    "run_tasks",
+    "weight_matrix",
 ]  # fmt: skip
 
 log = logging.getLogger("optlab")
@@ -163,48 +184,54 @@ def describe_model(lm: LoadedModel) -> dict[str, Any]:
 
 
 def evaluate(
-    lm: LoadedModel,
-    tasks: list[str],
+    model: LoadedModel | str | Path,
+    tasks: TaskEval | list[str] | tuple[str, ...],
     *,
     limit: int | None = None,
     seq_len: int | None = None,
     batch_size: int = 8,
+    seed: int = 0,
     out: str | Path | None = None,
     force: bool = False,
-    seed: int = 0,
-    config: dict[str, Any] | None = None,
     progress: bool = True,
-) -> dict[str, Any]:
-    """Run named tasks on a model; with ``out``, also write a run directory.
+) -> Result:
+    """Run named tasks on a model (a :class:`TaskEval`, or task names with ``limit``,
+    ``seq_len`` and ``batch_size``); with ``out``, also write a run directory.
 
-    >>> evaluate(load_model("default"), ["ppl:wiki"], seq_len=512, limit=40)
-    {'model': 'default', 'tasks': {'ppl:wiki': {'perplexity': 16.9, ...}}, 'seconds': 61.0}
+    >>> result = evaluate(load_model("tiny:llama"), ["ppl:book"], seq_len=64, limit=2,
+    ...                   progress=False)
+    >>> result["tasks"]["ppl:book"]["windows"]
+    2
     """
+    if not isinstance(tasks, TaskEval):
+        tasks = TaskEval(tuple(tasks), limit=limit, seq_len=seq_len, batch_size=batch_size)
+    lm = resolve_model(model)
     native = context_length_native(lm)
-    if seq_len is not None and native is not None and seq_len > native:
-        raise OptlabError(f"--seq-len {seq_len} exceeds the model's context length {native}")
-    for name in tasks:
-        get_task(name)
-    run = None
-    if out is not None:
-        run = Run(out, config=config or {"model": lm.spec, "tasks": tasks}, seed=seed,
-                  device=str(lm.device), force=force)  # fmt: skip
-    try:
-        seed_everything(seed)
-        scorer = Scorer(lm, batch_size=batch_size, progress=progress,
-                        max_length=max(seq_len or 0, context_length(lm.model)))  # fmt: skip
+    if tasks.seq_len is not None and native is not None and tasks.seq_len > native:
+        raise OptlabError(f"--seq-len {tasks.seq_len} exceeds the model's context length "
+                          f"{native}")  # fmt: skip
+    job = _job("eval", lm, seed, tasks=tasks)
+
+    def body(run: Run | None) -> dict[str, Any]:
+        scorer = Scorer(lm, batch_size=tasks.batch_size, progress=progress,
+                        max_length=max(tasks.seq_len or 0, context_length(lm.model)))  # fmt: skip
         start = time.perf_counter()
-        results = run_tasks(scorer, tasks, limit=limit, seq_len=seq_len)
+        results = run_tasks(scorer, list(tasks.tasks), limit=tasks.limit, seq_len=tasks.seq_len)
         result = {"model": lm.spec, "tasks": results, "seconds": time.perf_counter() - start}
         if run is not None:
-            run.add_metrics(result)
             run.save_text("report.md", eval_report(result))
-            result["run"] = str(run.finish())
-    except BaseException:
-        if run is not None:
-            run.abort()
-        raise
-    return result
+        return result
+
+    return _execute(job, body, out, force)
+
+
+def info(model: LoadedModel | str | Path) -> Result:
+    """Describe a model: family, blocks, parameters, context and the linears of a block.
+
+    >>> info("tiny:gpt2")["linears"]["mlp.c_fc"]  # GPT-2's Conv1D shown as out x in
+    '256x64'
+    """
+    return Result(describe_model(resolve_model(model)))
 
 
 def context_length_native(lm: LoadedModel) -> int | None:

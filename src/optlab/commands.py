@@ -12,15 +12,55 @@ from optlab import api
 from optlab.core.calibration import Calibration
 from optlab.core.job import COMMANDS, Command, Input, Job, Result, Section, register_command
 from optlab.eval.perplexity import PerplexityEval
+from optlab.eval.tasks import TaskEval
 from optlab.prune.pruner import WandaConfig
 
 MODEL = Input("model", "MODEL", "a model spec or a run directory")
+MODEL_OR_RUN = Input("model", "MODEL_OR_RUN", "a model spec, or a run directory (its model/)")
 
 
 def _load(job: Job) -> api.LoadedModel:
     return api.load_model(
         job.inputs["model"], dtype=job.dtype, device=job.device, seed=job.load_seed
     )
+
+
+def _info(job: Job, *, out: str | Path | None, force: bool, progress: bool) -> Result:
+    return api.info(_load(job))
+
+
+register_command(Command(
+    name="info",
+    help="describe a model: family, blocks, parameters, linears",
+    description="Load MODEL and describe its anatomy: the family, decoder blocks, parameter\n"
+    "count, context length and the linear layers of each block (the ones methods act on).",
+    inputs=(MODEL,),
+    sections=(),
+    run=_info,
+    out="none",
+    examples=("optlab info default",),
+))  # fmt: skip
+
+
+def _eval(job: Job, *, out: str | Path | None, force: bool, progress: bool) -> Result:
+    return api.evaluate(_load(job), job.configs["tasks"], seed=job.seed, out=out, force=force,
+                        progress=progress)  # fmt: skip
+
+
+register_command(Command(
+    name="eval",
+    help="evaluate a model or run on named tasks",
+    description="Evaluate MODEL (or the model of a run directory) on tasks:\n"
+    "  ppl:wiki ppl:book ppl:code ppl:FILE.txt   perplexity, non-overlapping windows\n"
+    "  mc:sentiment mc:analogy mc:FILE.jsonl     multiple-choice accuracy\n"
+    "  unlearn:RUN                               FA, RA, MIA, AUCs, ppl on an unlearn run's\n"
+    "                                            data (--limit: samples, default 100)",
+    inputs=(MODEL_OR_RUN,),
+    sections=(Section("tasks", TaskEval(), "tasks"),),
+    run=_eval,
+    out="optional",
+    examples=("optlab eval default --tasks ppl:wiki --seq-len 512 --limit 40",),
+))  # fmt: skip
 
 
 def _prune(job: Job, *, out: str | Path | None, force: bool, progress: bool) -> Result:

@@ -64,7 +64,8 @@ def _run_generated(args: argparse.Namespace) -> dict[str, Any]:
     from optlab.core.job import run_job
 
     job = job_from_args(args._command, args)
-    return run_job(job, args.out, force=args.force).to_dict()
+    out, force = getattr(args, "out", None), getattr(args, "force", False)
+    return run_job(job, out, force=force).to_dict()
 
 
 def _print_human(result: dict[str, Any], indent: str = "") -> None:

@@ -69,31 +69,6 @@ def add_commands(
         _common(sub)
         return sub
 
-    info = command(
-        "info", "describe a model: family, blocks, parameters, linears",
-        "Load MODEL and describe its anatomy: the family, decoder blocks, parameter count,\n"
-        "context length and the linear layers of each block (the ones methods act on).",
-    )  # fmt: skip
-    info.add_argument("model", metavar="MODEL")
-    info.set_defaults(handler=cmd_info)
-
-    evaluate = command(
-        "eval", "evaluate a model or run on named tasks",
-        "Evaluate MODEL (or the model of a run directory) on tasks:\n"
-        "  ppl:wiki ppl:book ppl:code ppl:FILE.txt   perplexity, non-overlapping windows\n"
-        "  mc:sentiment mc:analogy mc:FILE.jsonl     multiple-choice accuracy\n"
-        "  unlearn:RUN                               FA, RA, MIA, AUCs, ppl on an unlearn run's\n"
-        "                                            data (--limit: samples, default 100)\n"
-        "example: optlab eval default --tasks ppl:wiki --seq-len 512 --limit 40",
-    )  # fmt: skip
-    evaluate.add_argument("model", metavar="MODEL_OR_RUN")
-    evaluate.add_argument("--tasks", default="ppl:wiki", help="comma-separated (default ppl:wiki)")
-    evaluate.add_argument("--limit", type=_positive, help="first N windows / items per task")
-    evaluate.add_argument("--seq-len", type=_positive, help="perplexity window (default: context)")
-    evaluate.add_argument("--batch-size", type=_positive, default=8, help="default 8")
-    _output_options(evaluate, required=False, what="also write a run directory here")
-    evaluate.set_defaults(handler=cmd_eval)
-
     retrain = command(
         "retrain", "retrain a pruned run: PERP, full retraining or reconstruction",
         "Retrain the pruned model of RUN and write a new run. The sparsity mask holds exactly.\n"
@@ -299,27 +274,6 @@ def _audit_commands(commands: argparse._SubParsersAction) -> None:
     skeb.add_argument("--batch-size", type=_positive, default=8, help="default 8")
     _output_options(skeb, required=True)
     skeb.set_defaults(handler=cmd_audit_skeb)
-
-
-def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
-    from optlab.api import describe_model, load_model
-
-    return describe_model(load_model(args.model, dtype=args.dtype, device=args.device))
-
-
-def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
-    from optlab.api import evaluate, get_task, load_model
-
-    names = [n.strip() for n in args.tasks.split(",") if n.strip()]
-    if not names:
-        raise OptlabError("--tasks is empty; e.g. --tasks ppl:wiki,mc:sentiment")
-    for name in names:
-        get_task(name)  # fail on a bad name before loading anything
-    lm = load_model(args.model, dtype=args.dtype, device=args.device, seed=args.seed)
-    return evaluate(
-        lm, names, limit=args.limit, seq_len=args.seq_len, batch_size=args.batch_size,
-        out=args.out, force=args.force, seed=args.seed, config=_config(args),
-    )  # fmt: skip
 
 
 def cmd_retrain(args: argparse.Namespace) -> dict[str, Any]:

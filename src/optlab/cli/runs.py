@@ -1,4 +1,5 @@
-"""Commands over runs themselves: ``optlab rerun RUN`` replays a run from its config.yaml."""
+"""Commands over runs: ``optlab run RECIPE`` runs steps into one directory, ``optlab rerun
+RUN`` replays a run from its config.yaml."""
 
 from __future__ import annotations
 
@@ -7,6 +8,23 @@ from typing import Any
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
+    run = commands.add_parser(
+        "run", help="run a recipe: several commands in a row, one report",
+        description="Run the steps of RECIPE (a YAML file, or a shipped recipe by name:\n"
+        "quickstart, prune-retrain-quantize) into --out: each step is a command with its\n"
+        "settings (as a run's config.yaml holds them) and writes OUT/<step>; a step's model\n"
+        "may name an earlier step. report.md and report.html (plots embedded) compare them.\n"
+        "example: optlab run recipes/quickstart.yaml --out runs/quickstart",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    run.add_argument("recipe", metavar="RECIPE", help="a recipe .yaml file or a shipped name")
+    run.add_argument("--out", required=True, help="directory for the steps' runs and reports")
+    run.add_argument("--resume", action="store_true",
+                     help="skip finished steps whose settings are unchanged")  # fmt: skip
+    run.add_argument("--force", action="store_true", help="run every step of --out again")
+    run.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    run.set_defaults(handler=cmd_run)
+
     rerun = commands.add_parser(
         "rerun", help="replay a run from its config.yaml",
         description="Run the command that made RUN again, with the same configs, data specs\n"
@@ -25,3 +43,12 @@ def cmd_rerun(args: argparse.Namespace) -> dict[str, Any]:
     from optlab.api import rerun
 
     return rerun(args.run, out=args.out, force=args.force).to_dict()
+
+
+def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
+    from optlab.recipe import run_recipe
+
+    result = run_recipe(args.recipe, args.out, resume=args.resume, force=args.force)
+    steps = {name: step["run"] for name, step in result["steps"].items()}
+    return {"steps": steps, "seconds": result["seconds"], "run": result["run"],
+            "report": result["report"]}  # fmt: skip

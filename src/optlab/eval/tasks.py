@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from optlab.core import data
-from optlab.core.config import Registry
+from optlab.core.config import Registry, configurable, option, require_positive
 from optlab.errors import OptlabError
 from optlab.eval.perplexity import perplexity
 from optlab.eval.scorer import Scorer
@@ -155,3 +155,27 @@ def run_tasks(scorer: Scorer, names: list[str], **options: Any) -> dict[str, dic
     """Run several tasks; names are checked before any work starts."""
     tasks = {name: get_task(name) for name in names}
     return {name: task(scorer, **options) for name, task in tasks.items()}
+
+
+@configurable("tasks")
+@dataclass(frozen=True)
+class TaskEval:
+    """Which tasks to run and how much of each.
+
+    >>> TaskEval(tasks=("ppl:wiki", "mc:sentiment"), limit=40, seq_len=512)
+    TaskEval(tasks=('ppl:wiki', 'mc:sentiment'), limit=40, seq_len=512, batch_size=8)
+    """
+
+    tasks: tuple[str, ...] = option(("ppl:wiki",), "comma-separated tasks", metavar="T1,T2")
+    limit: int | None = option(None, "first N windows / items per task")
+    seq_len: int | None = option(None, "perplexity window (default: the model's context)")
+    batch_size: int = option(8, "sequences per forward pass")
+
+    def __post_init__(self) -> None:
+        tasks = (self.tasks,) if isinstance(self.tasks, str) else tuple(self.tasks)
+        object.__setattr__(self, "tasks", tuple(t.strip() for t in tasks if t.strip()))
+        if not self.tasks:
+            raise OptlabError("--tasks is empty; e.g. --tasks ppl:wiki,mc:sentiment")
+        require_positive(self, "limit", "seq_len", "batch_size")
+        for name in self.tasks:
+            get_task(name)  # a bad name fails here, before any model is loaded
