@@ -21,7 +21,7 @@ $(STAMP):
 	touch $@
 
 demo: setup
-	$(BIN)/optlab demo
+	$(BIN)/optlab run recipes/quickstart.yaml --out runs/quickstart --resume
 
 lint: setup
 	$(BIN)/ruff check .

@@ -34,18 +34,23 @@ def test_demo_writes_a_readable_run(capsys, tmp_path) -> None:
     result = json.loads(capsys.readouterr().out)
     assert result["run"] == str(out)
     report = (out / "report.md").read_text()
-    assert "perplexity" in report and "Paris" in report and "Wanda 50%" in report
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["dense"]["ppl:wiki"]["windows"] == 2
-    assert 0.5 < metrics["dense"]["mc:sentiment"]["acc"] <= 1
-    assert metrics["prune"]["sparsity"] == 0.5
+    assert "perplexity" in report and "Paris" in report and "wanda50-eval" in report
+    assert "data:image/png;base64," in (out / "report.html").read_text()
+
+    def tasks(step):
+        return json.loads((out / step / "metrics.json").read_text())["tasks"]
+
+    dense, pruned, quantized = tasks("dense"), tasks("wanda50-eval"), tasks("tdmpq45-eval")
+    assert dense["ppl:wiki"]["windows"] == 2
+    assert 0.5 < dense["mc:sentiment"]["acc"] <= 1 and dense["mc:sentiment"]["n"] == 100
+    assert json.loads((out / "wanda50" / "metrics.json").read_text())["sparsity"]["total"] == 0.5
     # Pruning half the weights costs perplexity, but the model stays a language model.
-    dense, pruned = metrics["dense"]["ppl:wiki"], metrics["wanda50"]["ppl:wiki"]
-    assert dense["perplexity"] < pruned["perplexity"] < 10 * dense["perplexity"]
+    dense_ppl, pruned_ppl = dense["ppl:wiki"]["perplexity"], pruned["ppl:wiki"]["perplexity"]
+    assert dense_ppl < pruned_ppl < 10 * dense_ppl
     # The quantized copy honours its 4.5-bit budget and loses less than pruning half of it.
-    quantized = metrics["tdmpq45"]["ppl:wiki"]
-    assert metrics["quantize"]["avg_bits"] <= 4.5
-    assert sum(metrics["quantize"]["layers_per_width"].values()) == 30
-    assert len(json.loads((out / "bits.json").read_text())) == 30
-    assert dense["perplexity"] < quantized["perplexity"] < pruned["perplexity"]
-    assert "TDMPQ 4.5 bits" in report
+    quantize = json.loads((out / "tdmpq45" / "metrics.json").read_text())
+    assert quantize["avg_bits"] <= 4.5
+    assert len(quantize["bits_per_unit"]) == 30
+    assert len(json.loads((out / "tdmpq45" / "bits.json").read_text())["units"]) == 30
+    assert dense_ppl < quantized["ppl:wiki"]["perplexity"] < pruned_ppl
+    assert "tdmpq45" in report

@@ -83,3 +83,16 @@ def test_a_recipe_never_writes_into_a_folder_that_is_not_its_own(tmp_path, capsy
     assert main(["run", str(path), "--out", str(tmp_path / "mine"), "--force"]) == 2
     assert "is not a recipe run" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
+def test_shipped_recipes_load_and_resolve(tmp_path) -> None:
+    from optlab.recipe import resolve_steps, shipped_recipes
+
+    assert {"quickstart", "prune-retrain-quantize"} <= set(shipped_recipes())
+    for name in shipped_recipes():
+        recipe = load_recipe(name)
+        jobs = dict(resolve_steps(recipe, tmp_path))
+        assert list(jobs) == [s["name"] for s in recipe["steps"]]
+    chain = dict(resolve_steps(load_recipe("prune-retrain-quantize"), tmp_path))
+    assert chain["perp"].inputs == {"run": str(tmp_path / "sparsegpt24")}
+    assert chain["int4"].inputs == {"model": str(tmp_path / "perp")}

@@ -208,10 +208,33 @@ def recipe_report(recipe: Mapping[str, Any], results: Mapping[str, Any], out: Pa
         seconds = "skipped" if step.get("skipped") else f"{step['seconds']:.1f}"
         cells = [name, step["command"], *(_cell(values.get(c)) for c in columns), seconds]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += _samples_table(results)
     lines += ["", "Runs: " + ", ".join(f"`{Path(s['run']).name}/`" for s in results.values()),
               "", "Plots: `report.html` (each headline number across steps, and the steps' "
               "own plots)."]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def _samples(results: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    """Generated completions per step (eval steps with a ``gen:`` task): step -> prompt."""
+    found: dict[str, dict[str, str]] = {}
+    for name, step in results.items():
+        for values in step["metrics"].get("tasks", {}).values():
+            if isinstance(values, Mapping) and isinstance(values.get("samples"), Mapping):
+                found.setdefault(name, {}).update(values["samples"])
+    return found
+
+
+def _samples_table(results: Mapping[str, Any]) -> list[str]:
+    samples = _samples(results)
+    if not samples:
+        return []
+    prompts = list(dict.fromkeys(p for by_prompt in samples.values() for p in by_prompt))
+    lines = ["", "| prompt | " + " | ".join(samples) + " |", "|---" * (len(samples) + 1) + "|"]
+    for prompt in prompts:
+        cells = [repr(samples[step].get(prompt, "-")).replace("|", "\\|") for step in samples]
+        lines.append(f"| *{prompt}* | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _plots(results: Mapping[str, Any]) -> list[tuple[str, bytes]]:
@@ -239,6 +262,15 @@ def recipe_html(recipe: Mapping[str, Any], results: Mapping[str, Any], out: Path
         seconds = "skipped" if step.get("skipped") else f"{step['seconds']:.1f}"
         cells = [name, step["command"], *(_cell(values.get(c)) for c in columns), seconds]
         rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+    samples = _samples(results)
+    if samples:
+        prompts = list(dict.fromkeys(p for by_prompt in samples.values() for p in by_prompt))
+        head_s = "".join(f"<th>{html.escape(c)}</th>" for c in ["prompt", *samples])
+        body_s = "".join(
+            "<tr><td>" + html.escape(p) + "</td>"
+            + "".join(f"<td>{html.escape(samples[s].get(p, '-'))}</td>" for s in samples)
+            + "</tr>" for p in prompts)  # fmt: skip
+        rows.append(f"</table><h2>Completions</h2><table><tr>{head_s}</tr>{body_s}")
     figures = "".join(
         f"<figure><img alt='{html.escape(title)}' src='data:image/png;base64,"
         f"{base64.b64encode(png).decode()}'><figcaption>{html.escape(title)}</figcaption>"
@@ -253,3 +285,21 @@ def recipe_html(recipe: Mapping[str, Any], results: Mapping[str, Any], out: Path
             f"<style>{style}</style></head><body><h1>{title}</h1>"
             f"<p>Model: <code>{html.escape(str(recipe.get('model', '-')))}</code></p>"
             f"<table><tr>{head}</tr>{''.join(rows)}</table>{figures}</body></html>\n")  # fmt: skip
+
+
+def quickstart(
+    out: str | Path,
+    *,
+    limit: int | None = None,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The shipped quickstart recipe (``optlab demo``); ``limit`` caps every evaluation's
+    perplexity windows (a quicker, rougher look)."""
+    recipe = load_recipe("quickstart")
+    if limit is not None:
+        for step in recipe["steps"]:
+            if step["command"] == "eval":
+                step["tasks"] = {**step["tasks"], "limit": limit}
+    return run_recipe(recipe, out, resume=resume, force=force, progress=progress)

@@ -5,11 +5,23 @@ import json
 import pytest
 import torch
 
+from optlab.api import quantize
 from optlab.cli import main
+from optlab.core.calibration import Calibration
 from optlab.core.models import load_model
 from optlab.errors import OptlabError
 from optlab.quant.linear import QuantLinear
-from optlab.quant.quantize import QuantConfig, quantize_to_run
+from optlab.quant.quantize import (
+    AvgBitsConfig,
+    CMPQConfig,
+    GPTQConfig,
+    MaxSizeConfig,
+    PMPQConfig,
+    RTNConfig,
+    StorageConfig,
+    TDMPQConfig,
+    UniformConfig,
+)
 from tests.conftest import random_ids
 
 TEXT = " ".join(f"sentence {i} about quantizing small language models." for i in range(200))
@@ -22,14 +34,19 @@ def calib(tmp_path):
     return str(path)
 
 
-def _config(calib: str, **kwargs) -> QuantConfig:
-    return QuantConfig(calib=calib, n_calib=8, seq_len=32, batch_size=4, group_size=32, **kwargs)
+def _run(lm, calib: str, allocation, out, *, sensitivity=None, gptq=False, embed_bits=None):
+    """quantize() on 8 x 32 tokens of ``calib`` with groups of 32, no perplexity."""
+    grid = GPTQConfig(group_size=32) if gptq else RTNConfig(group_size=32)
+    return quantize(lm, allocation, sensitivity=sensitivity, quantizer=grid,
+                    storage=StorageConfig(embed_bits=embed_bits),
+                    calib=Calibration(corpus=calib, n=8, seq_len=32, batch_size=4), out=out,
+                    progress=False)  # fmt: skip
 
 
 def test_avg_bits_run_is_honest_and_reloads(tmp_path, calib) -> None:
     lm = load_model("tiny:llama")
-    config = _config(calib, sensitivity="tdmpq", avg_bits=5.0, widths="16,8,4,3", gptq=True)
-    result = quantize_to_run(lm, config, tmp_path / "run", evaluate=False, progress=False)
+    result = _run(lm, calib, AvgBitsConfig(avg_bits=5.0, widths="16,8,4,3"), tmp_path / "run",
+                  sensitivity=TDMPQConfig(), gptq=True)  # fmt: skip
     run = tmp_path / "run"
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["avg_bits"] <= 5.0
@@ -52,26 +69,36 @@ def test_avg_bits_run_is_honest_and_reloads(tmp_path, calib) -> None:
 
 def test_max_size_is_honoured_in_real_bytes_and_impossible_sizes_refused(tmp_path, calib) -> None:
     lm = load_model("tiny:gpt2")
-    config = _config(calib, sensitivity="pmpq", max_size_mb=0.12, widths="16,8,4,2")
-    metrics = quantize_to_run(lm, config, tmp_path / "run", evaluate=False, progress=False)
+    metrics = _run(lm, calib, MaxSizeConfig(max_size_mb=0.12, widths="16,8,4,2"),
+                   tmp_path / "run", sensitivity=PMPQConfig())  # fmt: skip
     assert metrics["file_bytes"] <= 0.12e6
     # Packing the (tied) embedding table too leaves room for more bits in the blocks.
-    packed = _config(calib, sensitivity="pmpq", max_size_mb=0.1, widths="8,4,2", embed_bits=4)
-    smaller = quantize_to_run(load_model("tiny:gpt2"), packed, tmp_path / "e", evaluate=False)
+    smaller = _run(load_model("tiny:gpt2"), calib, MaxSizeConfig(max_size_mb=0.1, widths="8,4,2"),
+                   tmp_path / "e", sensitivity=PMPQConfig(), embed_bits=4)  # fmt: skip
     assert smaller["file_bytes"] <= 0.1e6 and smaller["embeddings"]["tied"]
-    too_small = _config(calib, sensitivity="pmpq", max_size_mb=0.01)
     with pytest.raises(OptlabError, match="max-size"):
-        quantize_to_run(load_model("tiny:gpt2"), too_small, tmp_path / "small", evaluate=False)
+        _run(load_model("tiny:gpt2"), calib, MaxSizeConfig(max_size_mb=0.01), tmp_path / "small",
+             sensitivity=PMPQConfig())  # fmt: skip
     assert not (tmp_path / "small").exists()
 
 
-def test_config_errors_are_clear() -> None:
-    with pytest.raises(OptlabError, match="exactly one"):
-        QuantConfig(avg_bits=4, uniform=4).validate()
-    with pytest.raises(OptlabError, match="Did you mean 'cmpq'"):
-        QuantConfig(sensitivity="cmqp", avg_bits=4).validate()
+def test_config_errors_are_clear(capsys) -> None:
+    # one allocation rule at a time, checked from the flags before anything is loaded
+    assert main(["quantize", "tiny:opt", "--avg-bits", "4", "--uniform", "4", "--out", "x"]) == 2
+    assert "give exactly one of --avg-bits, --max-size, --tiers, --uniform" in \
+        capsys.readouterr().err  # fmt: skip
+    assert main(["quantize", "tiny:opt", "--sensitivity", "cmqp", "--avg-bits", "4",
+                 "--out", "x"]) == 2  # fmt: skip
+    assert "Did you mean 'cmpq'" in capsys.readouterr().err
     with pytest.raises(OptlabError, match="layers only"):
-        QuantConfig(sensitivity="cmpq", avg_bits=4, granularity="linear").validate()
+        CMPQConfig(per_linear=True)
+    with pytest.raises(OptlabError, match="cca_dims must be a whole number >= 0, got -1"):
+        CMPQConfig(cca_dims=-1)
+    with pytest.raises(OptlabError, match="avg_bits must be a finite number, got nan"):
+        AvgBitsConfig(avg_bits=float("nan"))
+    with pytest.raises(OptlabError, match="--scores-from reuses sensitivities"):
+        quantize(load_model("tiny:opt"), UniformConfig(uniform=4),
+                 sensitivity=TDMPQConfig(scores_from="runs/x"))  # fmt: skip
 
 
 def test_cli_quantize_tiers_json_and_errors(tmp_path, calib, capsys) -> None:
@@ -89,14 +116,19 @@ def test_cli_quantize_tiers_json_and_errors(tmp_path, calib, capsys) -> None:
     assert main(bad) == 2
     assert "budget impossible" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+    given_to_another = [*bad[:-1], str(tmp_path / "bad"), "--cca-dims", "4"]
+    assert main(given_to_another) == 2
+    assert "--cca-dims is an option of cmpq, not of tdmpq" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.slow
 def test_default_model_at_4_bits_is_3_5x_smaller_than_fp16_and_reloads(tmp_path) -> None:
     """The issue's size goal in real bytes: 4-bit block linears and embeddings, no eval."""
     lm = load_model("default")
-    config = QuantConfig(uniform=4, embed_bits=4, group_size=64)
-    metrics = quantize_to_run(lm, config, tmp_path / "run", evaluate=False, progress=False)
+    metrics = quantize(lm, UniformConfig(uniform=4), quantizer=RTNConfig(group_size=64),
+                       storage=StorageConfig(embed_bits=4), out=tmp_path / "run",
+                       progress=False)  # fmt: skip
     assert metrics["avg_bits"] == 4
     assert metrics["compression_vs_fp16"] >= 3.5
     assert metrics["kernels"] == {"int4pack": 211}  # 210 block linears + the tied head
@@ -106,23 +138,30 @@ def test_default_model_at_4_bits_is_3_5x_smaller_than_fp16_and_reloads(tmp_path)
 
 
 def test_scores_are_reused_only_when_scored_the_same_way(tmp_path, calib, monkeypatch) -> None:
-    first = quantize_to_run(load_model("tiny:llama"), _config(calib, avg_bits=6.0, widths="8,4"),
-                            tmp_path / "a", evaluate=False, progress=False)  # fmt: skip
+    first = _run(load_model("tiny:llama"), calib, AvgBitsConfig(avg_bits=6.0, widths="8,4"),
+                 tmp_path / "a")  # fmt: skip
     # Reuse must not score again: any call to the scorer fails the test.
     monkeypatch.setattr("optlab.quant.quantize.sensitivities", lambda *a, **k: 1 / 0)
-    again = _config(calib, avg_bits=6.0, widths="8,4", scores_from=str(tmp_path / "a"))
-    second = quantize_to_run(load_model("tiny:llama"), again, tmp_path / "b", evaluate=False)
+    reuse = TDMPQConfig(scores_from=str(tmp_path / "a"))
+    second = _run(load_model("tiny:llama"), calib, AvgBitsConfig(avg_bits=6.0, widths="8,4"),
+                  tmp_path / "b", sensitivity=reuse)  # fmt: skip
     scored, reused = (json.loads((tmp_path / r / "sensitivity.json").read_text()) for r in "ab")
     assert reused["scores"] == scored["scores"]
     assert second["bits_per_unit"] == first["bits_per_unit"]
-    lower = _config(calib, avg_bits=5.0, widths="8,4", scores_from=str(tmp_path / "a"))
-    assert quantize_to_run(load_model("tiny:llama"), lower, tmp_path / "c",
-                           evaluate=False)["avg_bits"] <= 5.0  # fmt: skip
-    other = _config(calib, avg_bits=6.0, widths="8,3", scores_from=str(tmp_path / "a"))
+    lower = _run(load_model("tiny:llama"), calib, AvgBitsConfig(avg_bits=5.0, widths="8,4"),
+                 tmp_path / "c", sensitivity=reuse)  # fmt: skip
+    assert lower["avg_bits"] <= 5.0
     with pytest.raises(OptlabError, match="error_bits: 4 there, 3 here"):
-        quantize_to_run(load_model("tiny:llama"), other, tmp_path / "d", evaluate=False)
+        _run(load_model("tiny:llama"), calib, AvgBitsConfig(avg_bits=6.0, widths="8,3"),
+             tmp_path / "d", sensitivity=reuse)  # fmt: skip
     with pytest.raises(OptlabError, match="model: 'tiny:llama' there, 'tiny:opt' here"):
-        quantize_to_run(load_model("tiny:opt"), again, tmp_path / "e", evaluate=False)
+        _run(load_model("tiny:opt"), calib, AvgBitsConfig(avg_bits=6.0, widths="8,4"),
+             tmp_path / "e", sensitivity=reuse)  # fmt: skip
     with pytest.raises(OptlabError, match="no sensitivities"):
-        bad = _config(calib, avg_bits=6.0, scores_from=str(tmp_path / "missing"))
-        quantize_to_run(load_model("tiny:llama"), bad, tmp_path / "f", evaluate=False)
+        _run(
+            load_model("tiny:llama"),
+            calib,
+            AvgBitsConfig(avg_bits=6.0),
+            tmp_path / "f",
+            sensitivity=TDMPQConfig(scores_from=str(tmp_path / "missing")),
+        )

@@ -87,7 +87,7 @@ def _number(kind: type, what: str) -> Callable[[str], Any]:
 
 def _shown_default(section: Section, flag: _Flag) -> Any:
     default = section.default
-    if flag.field.name in {f.name for f in dataclasses.fields(default)}:
+    if default is not None and flag.field.name in {f.name for f in dataclasses.fields(default)}:
         return getattr(default, flag.field.name)
     return flag.field.default
 
@@ -102,8 +102,9 @@ def add_command(
         if section.family is not None:
             methods = METHODS.methods(section.family)
             width = max(map(len, methods)) + 3
-            description += "\n" + "\n".join(f"  {n:<{width}}{m.summary}"
-                                            for n, m in methods.items())  # fmt: skip
+            how = "by its flag" if section.by_flags else section.selector
+            description += f"\n{section.title} ({how}):\n" + "\n".join(
+                f"  {n:<{width}}{m.summary}" for n, m in methods.items())  # fmt: skip
     if command.examples:
         description += "\n" + "\n".join(f"example: {e}" for e in command.examples)
     parser = subparsers.add_parser(
@@ -114,10 +115,16 @@ def add_command(
         parser.add_argument(item.name, metavar=item.metavar, help=item.help)
     for section in command.sections:
         group = parser.add_argument_group(section.title)
-        if section.family is not None:
+        if section.family is not None and not section.by_flags:
             names = ", ".join(METHODS.methods(section.family))
-            group.add_argument("--method", default=argparse.SUPPRESS, metavar="METHOD",
+            metavar = section.selector.removeprefix("--").upper()
+            group.add_argument(section.selector, dest=_choice_dest(section), metavar=metavar,
+                               default=argparse.SUPPRESS,
                                help=f"{names} (default {section.default.TYPE})")  # fmt: skip
+            for flag, method, help_text in section.shortcuts:
+                group.add_argument(flag, dest=_choice_dest(section), action="store_const",
+                                   const=method, default=argparse.SUPPRESS,
+                                   help=help_text)  # fmt: skip
         hints = {}
         for cls in _classes(section).values():
             hints |= typing.get_type_hints(cls)
@@ -163,14 +170,34 @@ def _add_flag(
     )  # fmt: skip
 
 
+def _choice_dest(section: Section) -> str:
+    return f"{section.name}::method"
+
+
+def _chosen(section: Section, given: dict[str, Any]) -> type:
+    """The config class the flags pick for a section."""
+    if section.family is None:
+        return type(section.default)
+    if not section.by_flags:
+        name = given.get(_choice_dest(section))
+        return type(section.default) if name is None else METHODS.get(section.family, name).config
+    classes = _classes(section)
+    keys = {name: dataclasses.fields(cls)[0] for name, cls in classes.items()}
+    picked = [n for n, f in keys.items() if f"{section.name}:{f.name}" in given]
+    if len(picked) == 1:
+        return classes[picked[0]]
+    if not picked and section.default is not None:
+        return type(section.default)
+    flags = ", ".join(_flag_name(f) for f in keys.values())
+    raise OptlabError(f"give exactly one of {flags}")
+
+
 def job_from_args(command: Command, args: argparse.Namespace) -> Job:
     """The job the parsed flags describe; each section's config validates itself."""
     given = vars(args)
     configs = {}
     for section in command.sections:
-        cls = type(section.default)
-        if section.family is not None and "method" in given:
-            cls = METHODS.get(section.family, given["method"]).config
+        cls = _chosen(section, given)
         own = {f.name for f in dataclasses.fields(cls)}
         values = {}
         for flag in section_flags(section):
@@ -180,8 +207,11 @@ def job_from_args(command: Command, args: argparse.Namespace) -> Job:
                 raise OptlabError(f"{_flag_name(flag.field)} is an option of "
                                   f"{' and '.join(flag.owners)}, not of {cls.TYPE}")  # fmt: skip
             values[flag.field.name] = given[flag.dest]
-        base = section.default if type(section.default) is cls else cls()
-        configs[section.name] = dataclasses.replace(base, **values)
+        if "seed" in own:  # a config's seed is the command's --seed
+            values["seed"] = given["seed"]
+        same = type(section.default) is cls  # else the class's own defaults fill the rest
+        configs[section.name] = dataclasses.replace(section.default, **values) if same \
+            else cls(**values)  # fmt: skip
     inputs = {item.name: given[item.name] for item in command.inputs}
     return Job(command.name, inputs, configs, seed=given["seed"], device=given["device"],
                dtype=given["dtype"])  # fmt: skip

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -69,106 +68,8 @@ def add_commands(
         _common(sub)
         return sub
 
-    retrain = command(
-        "retrain", "retrain a pruned run: PERP, full retraining or reconstruction",
-        "Retrain the pruned model of RUN and write a new run. The sparsity mask holds exactly.\n"
-        "  perp          train only --params: bias, norm, head, lora (adapters on every\n"
-        "                pruned linear: maskl = W + s(BA*M), scalel = W*(BA), prune, plain)\n"
-        "  full          all weights, masks re-applied after every step (the baseline)\n"
-        "  reconstruct   block by block, match the dense block's output (PEFT params only)\n"
-        "Runs on HF Accelerate: `accelerate launch -m optlab.cli retrain ...` uses many GPUs.\n"
-        "example: optlab retrain runs/w50 --method perp --steps 200 --out runs/w50-perp",
-    )  # fmt: skip
-    retrain.add_argument("run", metavar="RUN", help="a run directory written by optlab prune")
-    retrain.add_argument("--method", default="perp", help="perp, full or reconstruct")
-    retrain.add_argument("--params", default="bias,norm,lora", help="default bias,norm,lora")
-    retrain.add_argument("--lora", default="maskl", help="maskl, scalel, prune or plain")
-    retrain.add_argument("--rank", type=_positive, default=16, help="LoRA rank (16)")
-    retrain.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha (32)")
-    retrain.add_argument("--steps", type=_positive, default=200, help="optimizer steps (200)")
-    retrain.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (5e-4)")
-    retrain.add_argument("--batch-size", type=_positive, default=1, help="windows per step (1)")
-    retrain.add_argument("--grad-accum", type=_positive, default=2, help="accumulation (2)")
-    retrain.add_argument("--seq-len", type=_positive, default=512, help="window tokens (512)")
-    retrain.add_argument("--corpus", default="wiki:calib", help="training text (wiki:calib)")
-    _perplexity_options(retrain)
-    _output_options(retrain, required=True)
-    retrain.set_defaults(handler=cmd_retrain)
-
-    quantize = command(
-        "quantize", "mixed-precision weight-only quantization (CPTQuant) with packed weights",
-        "Score each decoder layer's sensitivity on calibration text, give sensitive layers more\n"
-        "bits under a budget, quantize every block linear (RTN or GPTQ) into packed weights\n"
-        "(int8, two 4-bit per byte, dense 3/2-bit) with fp16 scales and uint8 zero points, and\n"
-        "write a run: model/ (reload with `optlab eval RUN`), sensitivity.json, bits.json,\n"
-        "sensitivity.png, metrics.json (perplexity before/after, size vs FP16).\n"
-        "  cmpq    1 - mean canonical correlation of a layer's pooled states with the others\n"
-        "  pmpq    perplexity increase when 30% of that layer's smallest weights are zeroed\n"
-        "  tdmpq   Taylor: |g.d| + 1/2 mean_b (g_b.d)^2, d = the layer's quantization error\n"
-        "Allocation (exactly one): --avg-bits B | --max-size MB | --tiers 16,8,4 | --uniform B\n"
-        "example: optlab quantize default --sensitivity tdmpq --avg-bits 4.5 --out runs/q45",
-    )  # fmt: skip
-    quantize.add_argument("model", metavar="MODEL")
-    quantize.add_argument("--sensitivity", default="tdmpq", help="cmpq, pmpq or tdmpq (tdmpq)")
-    budget = quantize.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--avg-bits", type=float, help="average bits per targeted weight")
-    budget.add_argument("--max-size", type=float, help="model.safetensors at most MB (10^6 B)")
-    budget.add_argument("--tiers", help="k-means tiers, e.g. 16,8,4 (the paper's rule)")
-    budget.add_argument("--uniform", type=int, help="every layer at B bits (baseline)")
-    quantize.add_argument(
-        "--widths",
-        default="16,8,4",
-        help="candidate widths for --avg-bits/--max-size (16,8,4; add 3,2)",
-    )
-    quantize.add_argument("--per-linear", action="store_true", help="one width per linear")
-    quantize.add_argument(
-        "--scores-from",
-        metavar="RUN",
-        help="reuse the sensitivities of an earlier quantize run scored the same way "
-        "(allocate another budget without scoring again)",
-    )
-    quantize.add_argument(
-        "--group-size",
-        type=int,
-        default=128,
-        help="columns per scale (128); 0 = per output channel",
-    )
-    quantize.add_argument("--gptq", action="store_true", help="GPTQ error compensation")
-    quantize.add_argument("--calib", default="wiki:calib", help="calibration corpus or .txt")
-    quantize.add_argument("--n-calib", type=_positive, default=32, help="windows (default 32)")
-    quantize.add_argument("--seq-len", type=_positive, default=512, help="window tokens (512)")
-    quantize.add_argument("--batch-size", type=_positive, default=8, help="default 8")
-    quantize.add_argument("--damp", type=float, default=0.01, help="GPTQ damping (0.01)")
-    quantize.add_argument("--prune-fraction", type=float, default=0.3, help="pmpq (0.3)")
-    quantize.add_argument(
-        "--cca-dims",
-        type=int,
-        default=8,
-        help="cmpq: principal components per layer (8); 0 = raw states",
-    )
-    quantize.add_argument("--rest-dtype", default="float16", choices=["float16", "bfloat16",
-                          "model"], help="storage of unquantized tensors (float16)")  # fmt: skip
-    quantize.add_argument(
-        "--embed-bits",
-        type=int,
-        help="also pack embeddings + LM head at 8/4/3/2 bits (default fp16)",
-    )
-    quantize.add_argument("--eval-seq-len", type=_positive, help="default: --seq-len")
-    _perplexity_options(quantize)
-    _output_options(quantize, required=True)
-    quantize.set_defaults(handler=cmd_quantize)
-
     _unlearn_parser(command)
 
-    demo = command(
-        "demo", "the quickstart recipe on the default model",
-        "Load the default model (preparing it once), evaluate it, prune it 50% with Wanda and\n"
-        "evaluate it again, quantize a fresh copy to 4.5 bits on average by TDMPQ sensitivity\n"
-        "and evaluate that, and write a run directory with a Markdown report.",
-    )  # fmt: skip
-    _output_options(demo, required=False, what="run directory (default runs/demo-<time>)")
-    demo.add_argument("--limit", type=_positive, default=20, help="perplexity windows (20)")
-    demo.set_defaults(handler=cmd_demo)
     _audit_commands(commands)
 
 
@@ -274,45 +175,6 @@ def _audit_commands(commands: argparse._SubParsersAction) -> None:
     skeb.add_argument("--batch-size", type=_positive, default=8, help="default 8")
     _output_options(skeb, required=True)
     skeb.set_defaults(handler=cmd_audit_skeb)
-
-
-def cmd_retrain(args: argparse.Namespace) -> dict[str, Any]:
-    from optlab.retrain.job import retrain_to_run, source_run
-    from optlab.retrain.perp import PerpConfig
-
-    config = PerpConfig(
-        method=args.method, params=args.params, lora=args.lora, rank=args.rank,
-        alpha=args.alpha, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, seq_len=args.seq_len, corpus=args.corpus, seed=args.seed,
-    )  # fmt: skip
-    source_run(args.run)
-    _refuse_existing(args.out, args.force)
-    return retrain_to_run(
-        args.run, config, args.out, force=args.force, dtype=args.dtype, device=args.device,
-        eval_limit=args.eval_limit, evaluate=not args.no_eval,
-    )  # fmt: skip
-
-
-def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
-    from optlab.api import load_model
-    from optlab.quant.quantize import QuantConfig, quantize_to_run
-
-    config = QuantConfig(
-        sensitivity=args.sensitivity, avg_bits=args.avg_bits, max_size_mb=args.max_size,
-        tiers=args.tiers, uniform=args.uniform, widths=args.widths,
-        granularity="linear" if args.per_linear else "layer", group_size=args.group_size,
-        gptq=args.gptq, calib=args.calib, n_calib=args.n_calib, seq_len=args.seq_len,
-        batch_size=args.batch_size, damp=args.damp, prune_fraction=args.prune_fraction,
-        cca_dims=args.cca_dims, rest_dtype=args.rest_dtype, embed_bits=args.embed_bits,
-        scores_from=args.scores_from, seed=args.seed,
-    )  # fmt: skip
-    config.validate()
-    _refuse_existing(args.out, args.force)
-    lm = load_model(args.model, dtype=args.dtype, device=args.device, seed=args.seed)
-    return quantize_to_run(
-        lm, config, args.out, force=args.force, eval_seq_len=args.eval_seq_len,
-        eval_limit=args.eval_limit, evaluate=not args.no_eval,
-    )  # fmt: skip
 
 
 def cmd_audit_reliability(args: argparse.Namespace) -> dict[str, Any]:
@@ -471,14 +333,6 @@ def _refuse_existing(out: str | None, force: bool) -> None:
 
     if out is not None:
         check_target(out, force)
-
-
-def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
-    from optlab.demo import run_demo
-
-    out = args.out or time.strftime("runs/demo-%Y%m%d-%H%M%S")
-    return run_demo(out, force=args.force, limit=args.limit, seed=args.seed,
-                    device=args.device, dtype=args.dtype)  # fmt: skip
 
 
 def _config(args: argparse.Namespace) -> dict[str, Any]:

@@ -4,6 +4,7 @@ RUN`` replays a run from its config.yaml."""
 from __future__ import annotations
 
 import argparse
+import time
 from typing import Any
 
 
@@ -24,6 +25,23 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--force", action="store_true", help="run every step of --out again")
     run.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     run.set_defaults(handler=cmd_run)
+
+    demo = commands.add_parser(
+        "demo", help="the quickstart recipe on the default model",
+        description="Run the shipped quickstart recipe (recipes/quickstart.yaml): evaluate the\n"
+        "default model (perplexity, sentiment accuracy, two completions), prune it 50% with\n"
+        "Wanda and evaluate it again, quantize a fresh copy to 4.5 bits on average by TDMPQ\n"
+        "sensitivity and evaluate that; report.md and report.html compare the steps.\n"
+        "Same as: optlab run quickstart --out DIR",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    demo.add_argument("--out", help="directory to write (default runs/demo-<time>)")
+    demo.add_argument("--force", action="store_true", help="run every step of --out again")
+    demo.add_argument("--resume", action="store_true",
+                      help="skip finished steps whose settings are unchanged")  # fmt: skip
+    demo.add_argument("--limit", type=_positive, help="perplexity windows per evaluation (20)")
+    demo.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    demo.set_defaults(handler=cmd_demo)
 
     rerun = commands.add_parser(
         "rerun", help="replay a run from its config.yaml",
@@ -49,6 +67,28 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
     from optlab.recipe import run_recipe
 
     result = run_recipe(args.recipe, args.out, resume=args.resume, force=args.force)
+    return _recipe_summary(result)
+
+
+def _recipe_summary(result: dict[str, Any]) -> dict[str, Any]:
     steps = {name: step["run"] for name, step in result["steps"].items()}
     return {"steps": steps, "seconds": result["seconds"], "run": result["run"],
             "report": result["report"]}  # fmt: skip
+
+
+def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
+    from optlab.recipe import quickstart
+
+    out = args.out or time.strftime("runs/demo-%Y%m%d-%H%M%S")
+    result = quickstart(out, limit=args.limit, resume=args.resume, force=args.force)
+    return _recipe_summary(result)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value

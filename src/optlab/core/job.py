@@ -58,13 +58,19 @@ class Input:
 @dataclass(frozen=True)
 class Section:
     """A config section of a command: ``config.yaml``'s key ``name`` and the Python API's
-    keyword. ``default`` is the config the command starts from (its class gives the flags);
-    with ``family``, ``--method`` picks any method config registered under that command."""
+    keyword. ``default`` is the config the command starts from (its class gives the flags).
+    With ``family``, the section holds any method config registered under that name: the
+    ``selector`` flag picks it (``shortcuts``: extra flags that pick one method), or, with
+    ``by_flags``, the flag of a method's first field does (``--avg-bits 4.5``); a ``None``
+    default makes the choice required."""
 
     name: str
     default: Any
     title: str
     family: str | None = None
+    selector: str = "--method"
+    shortcuts: tuple[tuple[str, str, str], ...] = ()  # (flag, method, help)
+    by_flags: bool = False
 
 
 @dataclass(frozen=True)
@@ -154,13 +160,16 @@ def section_config(section: Section, data: Any, source: str = "config") -> Any:
     data = dict(data)
     tag = data.pop("type", None)
     default = section.default
+    if default is None and tag is None:
+        choices = ", ".join(METHODS.methods(str(section.family)))
+        raise OptlabError(f"{source}: {section.name} needs a type (one of {choices})")
     if section.family is not None:
         cls = METHODS.get(section.family, str(tag)).config if tag else type(default)
     else:
         cls = type(default)
         if tag is not None and tag != cls.TYPE:  # type: ignore[attr-defined]
             raise OptlabError(f"{source}: {section.name} must be a {cls.TYPE}, not {tag!r}")  # type: ignore[attr-defined]
-    base = config_to_dict(default if type(default) is cls else cls())
+    base = config_to_dict(default) if type(default) is cls else {"type": cls.TYPE}  # type: ignore[attr-defined]
     return config_from_dict({**base, **data}, cls)  # a version in data is checked there
 
 

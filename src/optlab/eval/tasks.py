@@ -93,6 +93,18 @@ def analogy(scorer: Scorer, *, limit: int | None = None, **_: Any) -> dict:
     return multiple_choice(scorer, items[:limit])
 
 
+PROMPTS = ("The capital of France is", "The chemical symbol for gold is")
+
+
+@TASKS.register("gen:facts")
+def facts(scorer: Scorer, *, limit: int | None = None, **_: Any) -> dict:
+    """Greedy completions of a few factual prompts (to the end of the line): a look at what
+    a compressed model still says."""
+    prompts = list(PROMPTS[:limit])
+    completions = scorer.generate(prompts, max_new_tokens=12, until=["\n"])
+    return {"n": len(prompts), "samples": dict(zip(prompts, completions, strict=True))}
+
+
 def _choice_file(path: Path) -> Task:
     def task(scorer: Scorer, *, limit: int | None = None, **_: Any) -> dict:
         items = []
@@ -162,12 +174,20 @@ def run_tasks(scorer: Scorer, names: list[str], **options: Any) -> dict[str, dic
 class TaskEval:
     """Which tasks to run and how much of each.
 
-    >>> TaskEval(tasks=("ppl:wiki", "mc:sentiment"), limit=40, seq_len=512)
-    TaskEval(tasks=('ppl:wiki', 'mc:sentiment'), limit=40, seq_len=512, batch_size=8)
+    >>> TaskEval(tasks=("ppl:wiki", "mc:sentiment"), limit=40, items=100, seq_len=512)
+    TaskEval(tasks=('ppl:wiki', 'mc:sentiment'), limit=40, items=100, seq_len=512, batch_size=8)
     """
+
+    def limit_of(self, task: str) -> int | None:
+        """Perplexity tasks keep ``limit`` windows; the others ``items`` items (or ``limit``)."""
+        if task.startswith("ppl:") or self.items is None:
+            return self.limit
+        return self.items
 
     tasks: tuple[str, ...] = option(("ppl:wiki",), "comma-separated tasks", metavar="T1,T2")
     limit: int | None = option(None, "first N windows / items per task")
+    items: int | None = option(None, "first N items of the non-perplexity tasks (default: "
+                               "--limit)")  # fmt: skip
     seq_len: int | None = option(None, "perplexity window (default: the model's context)")
     batch_size: int = option(8, "sequences per forward pass")
 
@@ -176,6 +196,6 @@ class TaskEval:
         object.__setattr__(self, "tasks", tuple(t.strip() for t in tasks if t.strip()))
         if not self.tasks:
             raise OptlabError("--tasks is empty; e.g. --tasks ppl:wiki,mc:sentiment")
-        require_positive(self, "limit", "seq_len", "batch_size")
+        require_positive(self, "limit", "items", "seq_len", "batch_size")
         for name in self.tasks:
             get_task(name)  # a bad name fails here, before any model is loaded

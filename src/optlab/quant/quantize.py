@@ -21,14 +21,17 @@ import torch
 from torch import nn
 
 from optlab.core.anatomy import weight_matrix
-from optlab.core.config import config_to_dict
-from optlab.core.data import load_text, sample_windows
-from optlab.core.layerwise import batched
+from optlab.core.calibration import Calibration
+from optlab.core.config import (
+    METHODS,
+    configurable,
+    option,
+    require,
+    require_finite,
+    require_positive,
+)
 from optlab.core.models import LoadedModel
-from optlab.core.run import Run, peak_memory_gb, seed_everything
 from optlab.errors import OptlabError, did_you_mean
-from optlab.eval.perplexity import wiki_perplexity
-from optlab.eval.scorer import context_length
 from optlab.quant.allocate import (
     allocate_budget,
     allocate_tiers,
@@ -39,7 +42,7 @@ from optlab.quant.apply import quantize_gptq_model, quantize_rtn_model, round_re
 from optlab.quant.embedding import quantize_embeddings
 from optlab.quant.linear import QuantLinear, quantized_bytes
 from optlab.quant.quantizer import check_bits, resolve_group_size
-from optlab.quant.sensitivity import GRANULARITIES, METHODS, sensitivities, sensitivity_units
+from optlab.quant.sensitivity import sensitivities, sensitivity_units
 from optlab.quant.storage import WEIGHTS, save_quantized
 
 log = logging.getLogger("optlab")
@@ -48,92 +51,247 @@ REST_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "model": No
 HEADER_BYTES_PER_TENSOR = 160  # safetensors JSON header allowance for --max-size
 
 
+# --- sensitivities: how much each unit (decoder layer or linear) matters -------------------
+
+
 @dataclass(frozen=True)
-class QuantConfig:
-    """How to quantize. Exactly one of ``avg_bits``, ``max_size_mb``, ``tiers``, ``uniform``.
-
-    ``widths`` are the candidate widths of budgeted allocation (16 = kept in fp16); the
-    sensitivity of ``tdmpq`` is measured at the lowest of them. ``group_size`` 0 means per
-    output channel. Everything outside the packed linears is stored in ``rest_dtype``.
-    """
-
-    sensitivity: str | None = "tdmpq"
-    avg_bits: float | None = None
-    max_size_mb: float | None = None  # 1 MB = 10^6 bytes, the whole model.safetensors
-    tiers: str | None = None  # "16,8,4": the paper's k-means tiering
-    uniform: int | None = None
-    widths: str = "16,8,4"
-    granularity: str = "layer"  # or "linear"
-    group_size: int = 128
-    gptq: bool = False
-    calib: str = "wiki:calib"
-    n_calib: int = 32
-    seq_len: int | None = 512  # None: the model's context, capped at 2048
-    batch_size: int = 8
-    damp: float = 0.01
-    block_size: int = 128
-    prune_fraction: float = 0.3
-    cca_dims: int = 8
-    rest_dtype: str = "float16"
-    embed_bits: int | None = None  # also pack the embeddings and LM head (an extension)
-    scores_from: str | None = None  # an earlier run (or its sensitivity.json): skip scoring
-    seed: int = 0
+class _Sensitivity:
+    per_linear: bool = option(False, "one width per linear instead of per decoder layer")
+    scores_from: str | None = option(None, "reuse the sensitivities of an earlier quantize run "
+                                     "scored the same way (allocate another budget without "
+                                     "scoring again)", metavar="RUN")  # fmt: skip
 
     @property
-    def error_bits(self) -> int:
-        """The lowest candidate width: tdmpq scores each unit's error at it."""
-        return min(parse_widths(self.tiers or self.widths))
+    def granularity(self) -> str:
+        return "linear" if self.per_linear else "layer"
 
-    def score_settings(self, model: str) -> dict[str, Any]:
-        """Everything a sensitivity score depends on: reused scores must match it."""
-        own = {"tdmpq": {"error_bits": self.error_bits,
-                         "group_size": self.group_size},
-               "pmpq": {"prune_fraction": self.prune_fraction},
-               "cmpq": {"cca_dims": self.cca_dims}}  # fmt: skip
-        return {
-            "model": model, "method": self.sensitivity, "granularity": self.granularity,
-            "calib": self.calib, "n_calib": self.n_calib, "seq_len": self.seq_len,
-            "batch_size": self.batch_size, "seed": self.seed,
-            **own.get(str(self.sensitivity), {}),
-        }  # fmt: skip
+    def own_settings(self) -> dict[str, Any]:
+        """The knobs a score depends on besides the shared ones (see ``score_settings``)."""
+        return {}
 
-    def validate(self) -> None:
-        modes = [self.avg_bits, self.max_size_mb, self.tiers, self.uniform]
-        if sum(m is not None for m in modes) != 1:
-            raise OptlabError("give exactly one of --avg-bits, --max-size, --tiers, --uniform")
-        if self.uniform is None and self.sensitivity not in METHODS:
-            raise did_you_mean("sensitivity", str(self.sensitivity), METHODS)
-        if self.uniform is not None:
-            allocate_uniform([], self.uniform)
-        parse_widths(self.widths)
-        if self.tiers is not None:
-            parse_widths(self.tiers)
-        if self.granularity not in GRANULARITIES:
-            raise did_you_mean("granularity", self.granularity, GRANULARITIES)
-        if self.sensitivity == "cmpq" and self.granularity != "layer" and self.uniform is None:
-            raise OptlabError("cmpq scores decoder layers only: drop --per-linear")
-        if self.embed_bits is not None:
-            check_bits(self.embed_bits)
+
+@configurable("cmpq")
+@dataclass(frozen=True)
+class CMPQConfig(_Sensitivity):
+    """1 - mean canonical correlation of a layer's pooled states with every other layer's."""
+
+    cca_dims: int = option(8, "principal components per layer before the CCA; 0 = raw states")
+
+    def __post_init__(self) -> None:
+        require(isinstance(self.cca_dims, int) and self.cca_dims >= 0,
+                f"cca_dims must be a whole number >= 0, got {self.cca_dims!r}")  # fmt: skip
+        require(not self.per_linear, "cmpq scores decoder layers only: drop --per-linear")
+
+    def own_settings(self) -> dict[str, Any]:
+        return {"cca_dims": self.cca_dims}
+
+
+@configurable("pmpq")
+@dataclass(frozen=True)
+class PMPQConfig(_Sensitivity):
+    """Perplexity increase when only that unit's smallest weights are zeroed."""
+
+    prune_fraction: float = option(0.3, "fraction of the unit's smallest weights zeroed")
+
+    def __post_init__(self) -> None:
+        require_finite(self, "prune_fraction")
+        require(0 < self.prune_fraction < 1, "prune fraction must be in (0, 1), got "
+                f"{self.prune_fraction}")  # fmt: skip
+
+    def own_settings(self) -> dict[str, Any]:
+        return {"prune_fraction": self.prune_fraction}
+
+
+@configurable("tdmpq")
+@dataclass(frozen=True)
+class TDMPQConfig(_Sensitivity):
+    """Taylor estimate |g.d| + 1/2 mean_b (g_b.d)^2 of the loss change under the unit's
+    quantization error d at the lowest candidate width."""
+
+
+SensitivityConfig = CMPQConfig | PMPQConfig | TDMPQConfig
+METHODS.register("sensitivity", CMPQConfig, "1 - mean canonical correlation (1-component CCA) of "
+                 "a layer's pooled states with the others")  # fmt: skip
+METHODS.register("sensitivity", PMPQConfig, "perplexity increase when 30% of the unit's "
+                 "smallest weights are zeroed")  # fmt: skip
+METHODS.register("sensitivity", TDMPQConfig, "Taylor: |g.d| + 1/2 mean_b (g_b.d)^2, d = the "
+                 "unit's quantization error")  # fmt: skip
+
+
+# --- allocation: exactly one rule gives each unit its bits ---------------------------------
+
+WIDTHS_HELP = "candidate widths (16 = kept in fp16); add 3,2 for budgets under 4"
+
+
+def _check_widths(widths: str) -> None:
+    parse_widths(widths)
+
+
+@configurable("avg-bits")
+@dataclass(frozen=True)
+class AvgBitsConfig:
+    """At most ``avg_bits`` bits per targeted weight on average, solved as a knapsack."""
+
+    avg_bits: float | None = option(None, "average bits per targeted weight", flag="--avg-bits",
+                                    metavar="B")  # fmt: skip
+    widths: str = option("16,8,4", WIDTHS_HELP)
+
+    def __post_init__(self) -> None:
+        require(self.avg_bits is not None, "avg-bits allocation needs avg_bits (--avg-bits B)")
+        require_finite(self, "avg_bits")
+        require(self.avg_bits > 0, f"--avg-bits must be positive, got {self.avg_bits}")  # type: ignore[operator]
+        _check_widths(self.widths)
+        top = max(parse_widths(self.widths))
+        if self.avg_bits >= top:  # type: ignore[operator]
+            log.warning(
+                "--avg-bits %g is at or above the widest width %d: every unit gets %d "
+                "bits, so the sensitivities decide nothing",
+                self.avg_bits,
+                top,
+                top,
+            )
+
+
+@configurable("max-size")
+@dataclass(frozen=True)
+class MaxSizeConfig:
+    """The written ``model.safetensors`` at most ``max_size_mb`` MB (10^6 bytes)."""
+
+    max_size_mb: float | None = option(None, "model.safetensors at most MB (10^6 bytes)",
+                                       flag="--max-size", metavar="MB")  # fmt: skip
+    widths: str = option("16,8,4", WIDTHS_HELP)
+
+    def __post_init__(self) -> None:
+        require(self.max_size_mb is not None, "max-size allocation needs --max-size MB")
+        require_finite(self, "max_size_mb")
+        require(self.max_size_mb > 0, f"--max-size must be positive, got {self.max_size_mb}")  # type: ignore[operator]
+        _check_widths(self.widths)
+
+
+@configurable("tiers")
+@dataclass(frozen=True)
+class TiersConfig:
+    """The paper's rule: k-means of the sensitivities, the highest centroid the most bits."""
+
+    tiers: str | None = option(None, "k-means tiers, e.g. 16,8,4", metavar="W1,W2,...")
+
+    def __post_init__(self) -> None:
+        require(self.tiers is not None, "tiers allocation needs --tiers, e.g. 16,8,4")
+        _check_widths(str(self.tiers))
+
+    @property
+    def widths(self) -> str:
+        return str(self.tiers)
+
+
+@configurable("uniform")
+@dataclass(frozen=True)
+class UniformConfig:
+    """Every unit at the same width (the baseline; no sensitivities needed)."""
+
+    uniform: int | None = option(None, "every layer at B bits (baseline)", metavar="B")
+
+    def __post_init__(self) -> None:
+        require(self.uniform is not None, "uniform allocation needs --uniform B")
+        allocate_uniform([], self.uniform)  # type: ignore[arg-type]
+
+    @property
+    def widths(self) -> str:
+        return str(self.uniform)
+
+
+AllocationConfig = AvgBitsConfig | MaxSizeConfig | TiersConfig | UniformConfig
+METHODS.register("allocation", AvgBitsConfig, "average bits per targeted weight, never exceeded")
+METHODS.register("allocation", MaxSizeConfig, "the model file at most MB")
+METHODS.register("allocation", TiersConfig, "k-means tiers (the paper's rule)")
+METHODS.register("allocation", UniformConfig, "every unit at B bits (baseline)")
+
+
+# --- quantizers: how a linear becomes packed codes ------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Grid:
+    group_size: int = option(128, "columns per scale; 0 = per output channel")
+
+    def __post_init__(self) -> None:
+        require(isinstance(self.group_size, int) and self.group_size >= 0,
+                f"group size must be a whole number >= 0, got {self.group_size!r}")  # fmt: skip
+
+
+@configurable("rtn")
+@dataclass(frozen=True)
+class RTNConfig(_Grid):
+    """Asymmetric round-to-nearest per group of columns."""
+
+
+@configurable("gptq")
+@dataclass(frozen=True)
+class GPTQConfig(_Grid):
+    """GPTQ: round column by column, compensating the error on the columns not yet rounded."""
+
+    damp: float = option(0.01, "Hessian damping, a fraction of its mean diagonal")
+    block_size: int = option(128, "columns rounded and compensated together")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_positive(self, "block_size")
+        require_finite(self, "damp")
+        require(0 <= self.damp < 1, f"damp must be in [0, 1), got {self.damp}")
+
+
+QuantizerConfig = RTNConfig | GPTQConfig
+METHODS.register("quantizer", RTNConfig, "round to nearest (asymmetric, per group)")
+METHODS.register("quantizer", GPTQConfig, "GPTQ error compensation (Frantar et al. 2022)")
+
+
+@configurable("storage")
+@dataclass(frozen=True)
+class StorageConfig:
+    """How the rest of the model is stored."""
+
+    rest_dtype: str = option("float16", "storage of unquantized tensors",
+                             choices=tuple(REST_DTYPES))  # fmt: skip
+    embed_bits: int | None = option(None, "also pack embeddings + LM head at 8/4/3/2 bits "
+                                    "(default fp16)", metavar="B")  # fmt: skip
+
+    def __post_init__(self) -> None:
         if self.rest_dtype not in REST_DTYPES:
             raise did_you_mean("rest dtype", self.rest_dtype, REST_DTYPES)
-        if self.group_size < 0 or self.n_calib < 1 or self.batch_size < 1:
-            raise OptlabError("group size must be >= 0; n_calib and batch_size positive")
-        if self.avg_bits is not None and self.avg_bits <= 0:
-            raise OptlabError(f"--avg-bits must be positive, got {self.avg_bits}")
-        if self.max_size_mb is not None and self.max_size_mb <= 0:
-            raise OptlabError(f"--max-size must be positive, got {self.max_size_mb}")
-        if not 0 < self.prune_fraction < 1:
-            raise OptlabError(f"prune fraction must be in (0, 1), got {self.prune_fraction}")
-        if not 0 <= self.damp < 1:
-            raise OptlabError(f"damp must be in [0, 1), got {self.damp}")
-        if self.scores_from is not None and self.uniform is not None:
-            raise OptlabError("--scores-from reuses sensitivities: --uniform has none")
+        if self.embed_bits is not None:
+            check_bits(self.embed_bits)
 
 
-def reused_scores(config: QuantConfig, model: str, units: list[str]) -> dict[str, float]:
-    """The sensitivities of an earlier run (``config.scores_from``: its directory or its
-    ``sensitivity.json``), refused unless they were scored the way ``config`` would."""
-    path = Path(str(config.scores_from))
+def error_bits(allocation: AllocationConfig) -> int:
+    """The lowest candidate width: tdmpq scores each unit's error at it."""
+    return min(parse_widths(allocation.widths))
+
+
+def score_settings(
+    sensitivity: SensitivityConfig,
+    allocation: AllocationConfig,
+    quantizer: QuantizerConfig,
+    calib: Calibration | torch.Tensor,
+    seed: int,
+    model: str,
+) -> dict[str, Any]:
+    """Everything a sensitivity score depends on: reused scores must match it."""
+    own = sensitivity.own_settings()
+    if isinstance(sensitivity, TDMPQConfig):
+        own = {"error_bits": error_bits(allocation), "group_size": quantizer.group_size}
+    if isinstance(calib, torch.Tensor):  # windows given in Python: only their shape is known
+        data = {"calib": "given in Python", "n_calib": calib.shape[0], "seq_len": calib.shape[1]}
+    else:
+        data = {"calib": calib.corpus, "n_calib": calib.n, "seq_len": calib.seq_len,
+                "batch_size": calib.batch_size}  # fmt: skip
+    return {"model": model, "method": sensitivity.TYPE, "granularity": sensitivity.granularity,
+            **data, "seed": seed, **own}  # fmt: skip
+
+
+def reused_scores(source: str, wanted: dict[str, Any], units: list[str]) -> dict[str, float]:
+    """The sensitivities of an earlier run (``source``: its directory or its
+    ``sensitivity.json``), refused unless they were scored with the settings ``wanted``."""
+    path = Path(source)
     path = path / "sensitivity.json" if path.is_dir() else path
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
@@ -144,7 +302,6 @@ def reused_scores(config: QuantConfig, model: str, units: list[str]) -> dict[str
     except (json.JSONDecodeError, KeyError, TypeError):
         raise OptlabError(f"{path} is not a sensitivity.json of optlab quantize with the "
                           "settings of its scores") from None  # fmt: skip
-    wanted = config.score_settings(model)
     differ = [f"{k}: {settings.get(k)!r} there, {v!r} here" for k, v in wanted.items()
               if settings.get(k) != v]  # fmt: skip
     if differ:
@@ -161,43 +318,51 @@ def _shape(model: nn.Module, name: str) -> tuple[int, int]:
 
 def allocate(
     model: nn.Module,
-    config: QuantConfig,
+    allocation: AllocationConfig,
     units: dict[str, list[str]],
     scores: dict[str, float] | None,
+    *,
+    group_size: int = 128,
+    storage: StorageConfig | None = None,
+    seed: int = 0,
 ) -> dict[str, int]:
-    """Bits per unit under the configured rule (budget, tiers or uniform)."""
-    if config.uniform is not None:
-        return allocate_uniform(list(units), config.uniform)
-    assert scores is not None
-    if config.tiers is not None:
-        return allocate_tiers(scores, parse_widths(config.tiers), config.seed)
-    widths = parse_widths(config.widths)
+    """Bits per unit under the allocation rule (budget, tiers or uniform)."""
+    storage = storage or StorageConfig()
+    if isinstance(allocation, UniformConfig):
+        return allocate_uniform(list(units), int(allocation.uniform))  # type: ignore[arg-type]
+    if scores is None:
+        raise OptlabError(f"{allocation.TYPE} allocation needs sensitivities")  # type: ignore[union-attr]
+    if isinstance(allocation, TiersConfig):
+        return allocate_tiers(scores, parse_widths(allocation.widths), seed)
+    widths = parse_widths(allocation.widths)
     shapes = {name: _shape(model, name) for names in units.values() for name in names}
-    if config.avg_bits is not None:
+    if isinstance(allocation, AvgBitsConfig):
         counts = {
             u: sum(o * i for o, i in (shapes[n] for n in names)) for u, names in units.items()
         }
-        return allocate_budget(scores, counts, widths, config.avg_bits * sum(counts.values()))
+        budget_bits = float(allocation.avg_bits) * sum(counts.values())  # type: ignore[arg-type]
+        return allocate_budget(scores, counts, widths, budget_bits)
 
     def cost(unit: str, bits: int) -> float:
-        return sum(quantized_bytes(o, i, bits, resolve_group_size(config.group_size, i))
+        return sum(quantized_bytes(o, i, bits, resolve_group_size(group_size, i))
                    for o, i in (shapes[n] for n in units[unit]))  # fmt: skip
 
     targeted = {f"{n}.weight" for names in units.values() for n in names}
     tensors = len(model.state_dict()) + 2 * len(targeted)  # packed, scales, zeros per linear
     packed_tables = 0
-    if config.embed_bits is not None:
+    if storage.embed_bits is not None:
         tables = {m.weight.data_ptr(): m.weight for m in _embedding_modules(model)}
         targeted |= {k for k, v in model.state_dict().items() if v.data_ptr() in tables}
         tensors += 2 * len(tables)
         for table in tables.values():
             num, dim = table.shape
-            size = resolve_group_size(config.group_size, dim)
-            packed_tables += quantized_bytes(num, dim, config.embed_bits, size)
-    rest = rest_bytes(model, targeted, REST_DTYPES[config.rest_dtype]) + packed_tables
-    budget = config.max_size_mb * 1e6 - rest - 8 - HEADER_BYTES_PER_TENSOR * tensors
+            size = resolve_group_size(group_size, dim)
+            packed_tables += quantized_bytes(num, dim, storage.embed_bits, size)
+    rest = rest_bytes(model, targeted, REST_DTYPES[storage.rest_dtype]) + packed_tables
+    limit = float(allocation.max_size_mb)  # type: ignore[arg-type]
+    budget = limit * 1e6 - rest - 8 - HEADER_BYTES_PER_TENSOR * tensors
     if budget <= 0:
-        raise OptlabError(f"--max-size {config.max_size_mb} MB is below the unquantized part of "
+        raise OptlabError(f"--max-size {limit} MB is below the unquantized part of "
                           f"the model alone ({rest / 1e6:.3f} MB)")  # fmt: skip
     return allocate_budget(scores, cost, widths, budget)
 
@@ -219,43 +384,53 @@ def rest_bytes(model: nn.Module, skip: set[str], dtype: torch.dtype | None) -> i
     return total
 
 
-def quantize(lm: LoadedModel, config: QuantConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Quantize ``lm.model`` in place; return sensitivities, bits per unit and per linear."""
-    config.validate()
+def quantize(
+    lm: LoadedModel,
+    allocation: AllocationConfig,
+    *,
+    sensitivity: SensitivityConfig | None = None,
+    quantizer: QuantizerConfig | None = None,
+    storage: StorageConfig | None = None,
+    windows: list[torch.Tensor] | None = None,
+    scores: dict[str, float] | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Quantize ``lm.model`` in place: score each unit on the calibration ``windows`` (batches
+    of token ids; not needed with ``scores`` given or a uniform width, nor for RTN), give it
+    bits under ``allocation``, and replace every block linear by a packed ``QuantLinear``.
+    Returns sensitivities, bits per unit and per linear, and the real cost in bits."""
+    sensitivity = sensitivity or TDMPQConfig()
+    quantizer = quantizer or RTNConfig()
+    storage = storage or StorageConfig()
     model = lm.model
     start = time.perf_counter()
-    units = sensitivity_units(model, config.granularity)
-    seq_len = config.seq_len or context_length(model)
-    windows: list[torch.Tensor] = []
-    scoring = config.uniform is None and config.scores_from is None
-    if scoring or config.gptq:  # plain RTN with known scores needs no calibration
-        windows = batched(
-            sample_windows(lm.tokenizer, load_text(config.calib), config.n_calib, seq_len,
-                           config.seed), config.batch_size)  # fmt: skip
-    scores = None
-    if config.scores_from is not None:
-        scores = reused_scores(config, lm.spec, list(units))
-        log.info("reusing the %s sensitivities of %s", config.sensitivity, config.scores_from)
-    elif scoring:
-        log.info("scoring %d units with %s", len(units), config.sensitivity)
+    units = sensitivity_units(model, sensitivity.granularity)
+    if scores is None and not isinstance(allocation, UniformConfig):
+        if windows is None:
+            raise OptlabError(f"{sensitivity.TYPE} sensitivities need calibration windows")
+        log.info("scoring %d units with %s", len(units), sensitivity.TYPE)
         scores = sensitivities(
-            model, config.sensitivity, windows, units, bits=config.error_bits,
-            group_size=config.group_size, prune_fraction=config.prune_fraction,
-            cca_dims=config.cca_dims,
+            model, sensitivity.TYPE, windows, units, bits=error_bits(allocation),
+            group_size=quantizer.group_size, **sensitivity.own_settings(),
         )  # fmt: skip
-    unit_bits = allocate(model, config, units, scores)
+    unit_bits = allocate(model, allocation, units, scores, group_size=quantizer.group_size,
+                         storage=storage, seed=seed)  # fmt: skip
     linear_bits = {name: unit_bits[u] for u, names in units.items() for name in names}
     sensitivity_seconds = time.perf_counter() - start
     counts = {name: _shape(model, name)[0] * _shape(model, name)[1] for name in linear_bits}
-    if config.gptq:
-        quantize_gptq_model(model, linear_bits, windows, config.group_size, damp=config.damp,
-                            block_size=config.block_size, progress=progress)  # fmt: skip
+    if isinstance(quantizer, GPTQConfig):
+        if windows is None:
+            raise OptlabError("GPTQ needs calibration windows")
+        quantize_gptq_model(model, linear_bits, windows, quantizer.group_size,
+                            damp=quantizer.damp, block_size=quantizer.block_size,
+                            progress=progress)  # fmt: skip
     else:
-        quantize_rtn_model(model, linear_bits, config.group_size)
+        quantize_rtn_model(model, linear_bits, quantizer.group_size)
     embeddings = None
-    if config.embed_bits is not None:
-        embeddings = quantize_embeddings(model, config.embed_bits, config.group_size)
-    round_rest(model, REST_DTYPES[config.rest_dtype])
+    if storage.embed_bits is not None:
+        embeddings = quantize_embeddings(model, storage.embed_bits, quantizer.group_size)
+    round_rest(model, REST_DTYPES[storage.rest_dtype])
     weights = sum(counts.values())
     stored = sum(
         m.storage_bytes() if isinstance(m, QuantLinear) else 2 * counts[n]
@@ -301,63 +476,41 @@ def plot_sensitivity(path: Path, scores: dict[str, float] | None, bits: dict[str
     plt.close(fig)
 
 
-def quantize_to_run(
+def needs_windows(
+    allocation: AllocationConfig, sensitivity: SensitivityConfig, quantizer: QuantizerConfig
+) -> bool:
+    """Whether calibration data is read: to score (unless reused or uniform) or for GPTQ."""
+    scoring = not isinstance(allocation, UniformConfig) and sensitivity.scores_from is None
+    return scoring or isinstance(quantizer, GPTQConfig)
+
+
+def save_run(
+    run_dir: Path,
     lm: LoadedModel,
-    config: QuantConfig,
-    out: str | Path,
-    *,
-    force: bool = False,
-    eval_seq_len: int | None = None,
-    eval_limit: int | None = None,
-    evaluate: bool = True,
-    progress: bool = True,
+    result: dict[str, Any],
+    quantizer: QuantizerConfig,
+    storage: StorageConfig,
+    settings: dict[str, Any],
+    method: str | None,
+    granularity: str,
 ) -> dict[str, Any]:
-    """Quantize and write a run: ``model/`` (packed, reloadable with ``load_model(run)``),
-    ``sensitivity.json``, ``bits.json``, ``sensitivity.png`` and ``metrics.json`` with
-    perplexity before/after, average bits, real file size and compression against FP16."""
-    config.validate()
-    run_config = {"command": "quantize", "model": lm.spec, **config_to_dict(config)}
-    with Run(out, config=run_config, seed=config.seed, device=str(lm.device),
-             dtype=str(next(lm.model.parameters()).dtype), force=force) as run:  # fmt: skip
-        seed_everything(config.seed)
-        seq_len = eval_seq_len or config.seq_len
-        parameters = sum(p.numel() for p in lm.model.parameters())
-        metrics: dict[str, Any] = {"fp16_bytes": 2 * parameters}
-        if evaluate:
-            metrics["perplexity_before"] = wiki_perplexity(lm, seq_len, eval_limit, progress)
-        result = quantize(lm, config, progress=progress)
-        if evaluate:
-            metrics["perplexity_after"] = wiki_perplexity(lm, seq_len, eval_limit, progress)
-        save_quantized(lm, run.dir / "model", result["linear_bits"], config.group_size,
-                       REST_DTYPES[config.rest_dtype], result["embeddings"])  # fmt: skip
-        file_bytes = (run.dir / "model" / WEIGHTS).stat().st_size
-        run.save_json("sensitivity.json", {"method": config.sensitivity,
-                                           "granularity": config.granularity,
-                                           "settings": config.score_settings(lm.spec),
-                                           "scores": result["sensitivity"]})  # fmt: skip
-        run.save_json("bits.json", {"units": result["unit_bits"],
-                                    "linears": result["linear_bits"]})  # fmt: skip
-        plot_sensitivity(run.dir / "sensitivity.png", result["sensitivity"], result["unit_bits"])
-        metrics.update({
-            "bits_per_unit": result["unit_bits"],
-            "avg_bits": result["avg_bits"],
-            "effective_bits": result["effective_bits"],
-            "file_bytes": file_bytes,
-            "file_mb": file_bytes / 1e6,
-            "compression_vs_fp16": metrics["fp16_bytes"] / file_bytes,
-            "file_bits_per_parameter": 8 * file_bytes / parameters,
-            "embeddings": result["embeddings"],
-            "kernels": result["kernels"],
-            "sensitivity_seconds": result["sensitivity_seconds"],
-            "quantize_seconds": result["quantize_seconds"],
-        })  # fmt: skip
-        if config.max_size_mb is not None and file_bytes > config.max_size_mb * 1e6:
-            raise RuntimeError(f"{file_bytes} bytes written, over --max-size")  # a bug, not user
-        metrics.update(peak_memory_gb())
-        run.add_metrics(metrics)
-    log.info("quantized model (%.3f avg bits, %.2fx vs fp16) written to %s",
-             metrics["avg_bits"], metrics["compression_vs_fp16"], run.path)  # fmt: skip
-    return {**metrics, "run": str(run.path)}
+    """Write the packed model, sensitivity.json, bits.json and the plot; return the size
+    metrics (real file bytes, compression against fp16)."""
+    save_quantized(lm, run_dir / "model", result["linear_bits"], quantizer.group_size,
+                   REST_DTYPES[storage.rest_dtype], result["embeddings"])  # fmt: skip
+    file_bytes = (run_dir / "model" / WEIGHTS).stat().st_size
+    (run_dir / "sensitivity.json").write_text(json.dumps(
+        {"method": method, "granularity": granularity, "settings": settings,
+         "scores": result["sensitivity"]}, indent=2) + "\n")  # fmt: skip
+    (run_dir / "bits.json").write_text(
+        json.dumps({"units": result["unit_bits"], "linears": result["linear_bits"]}, indent=2)
+        + "\n"
+    )
+    plot_sensitivity(run_dir / "sensitivity.png", result["sensitivity"], result["unit_bits"])
+    return {"file_bytes": file_bytes, "file_mb": file_bytes / 1e6}
 
 
-__all__ = ["QuantConfig", "allocate", "quantize", "quantize_to_run"]
+__all__ = [
+    "AvgBitsConfig", "CMPQConfig", "GPTQConfig", "MaxSizeConfig", "PMPQConfig", "RTNConfig",
+    "StorageConfig", "TDMPQConfig", "TiersConfig", "UniformConfig", "allocate", "quantize",
+]  # fmt: skip

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from optlab.core.anatomy import Anatomy, weight_matrix
+from optlab.core.config import configurable, option, require_finite
 from optlab.core.data import load_text, sample_windows
 from optlab.core.layerwise import BlockContext, batched, call_block, run_layerwise
 from optlab.core.models import LoadedModel
@@ -60,6 +61,7 @@ METHODS = ("perp", "full", "reconstruct")
 PARAM_SETS = ("bias", "norm", "head", "lora")
 
 
+@configurable("perp")
 @dataclass(frozen=True)
 class PerpConfig:
     """How to retrain a pruned model.
@@ -76,23 +78,26 @@ class PerpConfig:
     >>> PerpConfig(params="bias,norm,lora", lora="scalel")   # a comma list works too
     """
 
-    method: str = "perp"
-    params: tuple[str, ...] = ("bias", "norm", "lora")
-    lora: str = "maskl"
-    rank: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
-    steps: int = 200
-    lr: float = 5e-4
-    batch_size: int = 1
-    grad_accum: int = 2
-    seq_len: int = 512
-    warmup: float = 0.1
-    corpus: str = "wiki:calib"
-    seed: int = 0
-    windows: int = 32
+    method: str = option("perp", "perp, full or reconstruct", choices=METHODS)
+    params: tuple[str, ...] = option(("bias", "norm", "lora"), "what perp and reconstruct "
+                                     "train: any of bias, norm, head, lora")  # fmt: skip
+    lora: str = option("maskl", "adapter: maskl = W + s(BA*M), scalel = W*(BA), prune, plain")
+    rank: int = option(16, "LoRA rank")
+    alpha: float = option(32.0, "LoRA alpha (scale alpha / rank)")
+    dropout: float = option(0.0, "LoRA input dropout")
+    steps: int = option(200, "optimizer steps (reconstruct: per block)")
+    lr: float = option(5e-4, "AdamW learning rate")
+    batch_size: int = option(1, "windows per step")
+    grad_accum: int = option(2, "gradient accumulation steps")
+    seq_len: int = option(512, "window tokens")
+    warmup: float = option(0.1, "linear warmup, a fraction of the steps")
+    corpus: str = option("wiki:calib", "training text: a corpus or a .txt file")
+    seed: int = option(0, "adapter init, dropout and data order (the command's --seed)",
+                       cli=False)  # fmt: skip
+    windows: int = option(32, "reconstruct: fixed calibration windows")
 
     def __post_init__(self) -> None:
+        require_finite(self, "alpha", "dropout", "lr", "warmup")
         params = self.params
         if isinstance(params, str):
             params = [p.strip() for p in params.split(",") if p.strip()]
