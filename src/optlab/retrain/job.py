@@ -12,6 +12,7 @@ import yaml
 from optlab.core.config import config_to_dict
 from optlab.core.models import LoadedModel, load_model
 from optlab.core.run import Run, peak_memory_gb, seed_everything
+from optlab.core.train import rank_run_path
 from optlab.errors import OptlabError
 from optlab.eval.perplexity import wiki_perplexity
 from optlab.prune.masks import save_sparse_model
@@ -57,8 +58,8 @@ def retrain_to_run(
             raise OptlabError(f"{source}/config.yaml does not name the dense model to match")
         dense = load_model(spec, dtype=dtype, device=device, seed=source_config.get("seed", 0))
     run_config = {"command": "retrain", "source": str(source), **config_to_dict(config)}
-    with Run(out, config=run_config, seed=config.seed, device=str(lm.device), dtype=dtype,
-             force=force) as run:  # fmt: skip
+    with Run(rank_run_path(out), config=run_config, seed=config.seed, device=str(lm.device),
+             dtype=dtype, force=force) as run:  # fmt: skip
         seed_everything(config.seed)
         metrics = retrain(lm, config, dense=dense, progress=progress)
         share, held = 100 * metrics["trainable_share"], metrics["mask_held"]
