@@ -21,7 +21,7 @@ from optlab.core.models import LoadedModel, load_model, save_model
 from optlab.core.stats import InputNorms, record_inputs
 from optlab.errors import OptlabError
 from optlab.prune.masks import pruned_linears
-from optlab.prune.pruner import PruneConfig, prune
+from optlab.prune.pruner import WandaConfig, prune
 from tests.conftest import random_ids
 
 OUTSIDE = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu",
@@ -99,15 +99,33 @@ def test_run_layerwise_on_a_dispatched_model_matches_the_plain_one(folder, tmp_p
     assert all(torch.equal(after[k], checkpoint[k]) for k in checkpoint)
 
 
+def test_run_layerwise_writes_edits_back_to_a_cpu_offload_store(folder) -> None:
+    """accelerate.cpu_offload keeps the weights in a CPU state dict (the store device_map
+    fills for its "cpu" entries when a GPU computes): edits land there."""
+    from accelerate import cpu_offload
+
+    plain, lm = load_model(str(folder)), load_model(str(folder))
+    cpu_offload(lm.model, execution_device=torch.device("cpu"))
+    batches = [random_ids(2, 16, seed=3)]
+    expected = run_layerwise(plain.model, batches, zero_quietest_inputs(Anatomy.of(plain.model)),
+                             progress=False)  # fmt: skip
+    hidden = run_layerwise(lm.model, batches, zero_quietest_inputs(Anatomy.of(lm.model)),
+                           progress=False)  # fmt: skip
+    torch.testing.assert_close(hidden[0], expected[0], atol=1e-5, rtol=1e-5)
+    edited = pruned_linears(plain.model)
+    for name, module in pruned_linears(lm.model).items():
+        torch.testing.assert_close(stored_weight(module), weight_matrix(edited[name]))
+
+
 # prune() itself runs on the dispatched model (run_layerwise); its closing sparsity_report
 # reads every weight directly, and an offloaded one is a meta tensor between forwards.
 @pytest.mark.xfail(raises=RuntimeError, strict=True, reason="sparsity_report reads meta weights")
 def test_wanda_through_prune_on_an_offloaded_block_matches_the_plain_model(folder, tmp_path):
-    config = PruneConfig(method="wanda", pattern="2:4", calib="wiki:calib", n_calib=2,
-                         seq_len=32, batch_size=1)  # fmt: skip
+    config, calib = WandaConfig(pattern="2:4"), random_ids(4, 32, seed=5)
     plain = load_model(str(folder))
     lm = dispatched(folder, "block 1 on disk", tmp_path / "offload")
-    want, got = prune(plain, config, progress=False), prune(lm, config, progress=False)
+    want = prune(plain, config, calib, batch_size=2, progress=False)
+    got = prune(lm, config, calib, batch_size=2, progress=False)
     assert got["sparsity"] == want["sparsity"]
     edited = pruned_linears(plain.model)
     for name, module in pruned_linears(lm.model).items():

@@ -87,7 +87,7 @@ def run_layerwise(
     anatomy = Anatomy.of(model)
     home = _execution_device(model)
     device = torch.device(device) if device is not None else home
-    offload = device != home and not hasattr(model, "hf_device_map")
+    offload = device != home and not _dispatched(model)
     if offload:
         _move_outside_blocks(model, anatomy, device)
     try:
@@ -163,12 +163,19 @@ def _capture(
     return inputs, all_args, all_kwargs
 
 
+def _dispatched(model: nn.Module) -> bool:
+    """Placed by accelerate (``device_map``, ``cpu_offload``): its hooks move the weights."""
+    return hasattr(model, "hf_device_map") or hasattr(model, "_hf_hook")
+
+
 def _execution_device(model: nn.Module) -> torch.device:
-    """Where the model computes: its parameters' device, or for a model dispatched by
-    accelerate (whose offloaded parameters sit on the meta device) its hook's device."""
-    hook = getattr(model, "_hf_hook", None)
-    if hasattr(model, "hf_device_map") and getattr(hook, "execution_device", None) is not None:
-        return torch.device(hook.execution_device)
+    """Where the model computes: its parameters' device or, for a dispatched model (whose
+    offloaded parameters sit on the meta device), the first device its hooks name."""
+    if _dispatched(model):
+        for module in model.modules():  # the model's own hook first
+            device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+            if device is not None:
+                return torch.device(device)
     return next(model.parameters()).device
 
 
