@@ -5,12 +5,16 @@ argument: masks, RoPE ``position_embeddings``, which differ per block in Gemma 3
 each block in turn moves it to the device, hands it to ``on_block`` (collect statistics with
 hooks, edit weights), re-runs it so the next block sees the edited outputs, and moves it back.
 Only one block's weights need to be on the device at a time.
+
+A model loaded with ``device_map`` (accelerate hooks, blocks spread over devices, CPU or disk
+offload) stays where accelerate put it: its hooks move each block's inputs and weights, and
+edits to an offloaded block are written back to its offload store (see ``_held_on_device``).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,9 +85,9 @@ def run_layerwise(
     >>> hidden = run_layerwise(model, [ids], zero_q)
     """
     anatomy = Anatomy.of(model)
-    home = next(model.parameters()).device
+    home = _execution_device(model)
     device = torch.device(device) if device is not None else home
-    offload = device != home and not hasattr(model, "hf_device_map")
+    offload = device != home and not _dispatched(model)
     if offload:
         _move_outside_blocks(model, anatomy, device)
     try:
@@ -99,9 +103,10 @@ def run_layerwise(
         ctx = BlockContext(
             index, block, inputs, [a[index] for a in args], [k[index] for k in kwargs]
         )
-        if on_block is not None:
-            on_block(ctx)
-        inputs = ctx.outputs if ctx._reuse else ctx.run()
+        with _held_on_device(block):
+            if on_block is not None:
+                on_block(ctx)
+            inputs = ctx.outputs if ctx._reuse else ctx.run()
         if offload:
             block.to(home)
     return inputs
@@ -135,6 +140,8 @@ def _capture(
 
         return forward
 
+    # accelerate's hooks live in an instance ``forward`` of a dispatched block: keep it.
+    hooked = [block.__dict__.get("forward") for block in blocks]
     for index, block in enumerate(blocks):
         block.forward = recorder(index)
     try:
@@ -147,11 +154,86 @@ def _capture(
                 all_args.append(list(seen_args))
                 all_kwargs.append(list(seen_kwargs))
     finally:
-        for block in blocks:
-            del block.forward  # back to the class's forward
+        for block, forward in zip(blocks, hooked, strict=True):
+            del block.forward  # back to the class's forward, or to accelerate's hooked one
+            if forward is not None:
+                block.forward = forward
     if not inputs:
         raise ValueError("run_layerwise needs at least one batch")
     return inputs, all_args, all_kwargs
+
+
+def _dispatched(model: nn.Module) -> bool:
+    """Placed by accelerate (``device_map``, ``cpu_offload``): its hooks move the weights."""
+    return hasattr(model, "hf_device_map") or hasattr(model, "_hf_hook")
+
+
+def _execution_device(model: nn.Module) -> torch.device:
+    """Where the model computes: its parameters' device or, for a dispatched model (whose
+    offloaded parameters sit on the meta device), the first device its hooks name."""
+    if _dispatched(model):
+        for module in model.modules():  # the model's own hook first
+            device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+            if device is not None:
+                return torch.device(device)
+    return next(model.parameters()).device
+
+
+def _offloaded(block: nn.Module) -> list[nn.Module]:
+    """The modules of ``block`` whose weights accelerate keeps in an offload store."""
+    return [m for m in block.modules() if getattr(getattr(m, "_hf_hook", None), "offload", 0)]
+
+
+@contextlib.contextmanager
+def _held_on_device(block: nn.Module) -> Iterator[None]:
+    """Hold an offloaded block's weights on its execution device while it is processed.
+
+    accelerate keeps an offloaded module's weights on the meta device and reloads them from
+    its store (CPU memory, or files on disk) at every forward, so an edit made by
+    ``on_block`` would be lost. Inside, the weights are real tensors that forwards use as
+    they are; on exit the changed ones are written back to the store (never to the
+    checkpoint it may read from) and the module goes back to meta.
+    """
+    modules = _offloaded(block)
+    for module in modules:
+        module._hf_hook.pre_forward(module)  # load from the store
+        module._hf_hook.offload = False
+    try:
+        yield
+    finally:
+        for module in modules:
+            hook = module._hf_hook
+            recurse = hook.place_submodules
+            tensors = [
+                *module.named_parameters(recurse=recurse),
+                *(module.named_buffers(recurse=recurse) if hook.offload_buffers else []),
+            ]
+            for name, tensor in tensors:  # the store holds no non-persistent buffers
+                if name in hook.weights_map and not torch.equal(
+                    tensor.detach().cpu(), hook.weights_map[name].cpu()
+                ):
+                    _store(hook.weights_map, name, tensor.detach().cpu())
+            hook.offload = True
+            hook.post_forward(module, None)  # back to meta
+
+
+def _store(weights_map: Any, name: str, value: torch.Tensor) -> None:
+    """Replace one tensor of an accelerate offload store: in memory for CPU offload, as a new
+    file in the offload folder for disk offload (its ``index`` then points there)."""
+    from accelerate.utils import OffloadedWeightsLoader, PrefixedDataset, offload_weight
+
+    if isinstance(weights_map, PrefixedDataset):
+        loader, key = weights_map.dataset, weights_map.prefix + name
+        if isinstance(loader, OffloadedWeightsLoader):
+            if key in loader.state_dict or loader.save_folder is None:
+                loader.state_dict[key] = value
+            else:
+                offload_weight(value, key, loader.save_folder, index=loader.index)
+            return
+        weights_map, name = loader, key
+    if not hasattr(weights_map, "__setitem__"):
+        raise TypeError(f"cannot write {name} back to a {type(weights_map).__name__} store")
+    weights_map[name] = value
 
 
 def _move_outside_blocks(model: nn.Module, anatomy: Anatomy, device: torch.device) -> None:

@@ -148,17 +148,32 @@ def load_model(
     dtype: str | torch.dtype = "float32",
     device: str | None = "cpu",
     seed: int = 0,
+    device_map: str | dict[str, int | str] | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
+    offload_folder: str | Path | None = None,
 ) -> LoadedModel:
     """Load a model and tokenizer from a spec; the model is in eval mode on ``device``.
+
+    ``device_map`` (``"auto"`` or module name -> device, ``"cpu"`` or ``"disk"``) spreads a
+    model too large for one device over several, offloading what does not fit to the CPU or
+    to ``offload_folder`` (accelerate hooks move weights in at each forward); ``max_memory``
+    caps each device (``{0: "20GiB", "cpu": "60GiB"}``). ``device`` is then unused. Folders,
+    hub ids and ``default`` only: save a ``tiny:``/``random:`` model to load it that way.
 
     >>> lm = load_model("default")          # SmolLM2-135M, offline
     >>> lm = load_model("random:opt-125m")   # OPT-125m shape, random weights (seeded)
     >>> lm = load_model("tiny:llama")        # a few-MB model for tests
+    >>> lm = load_model("big-model/", device_map="auto", offload_folder="offload/")
     """
     torch_dtype = resolve_dtype(dtype)
     torch_device = resolve_device(device)
+    placement = {"device_map": device_map, "max_memory": max_memory,
+                 "offload_folder": offload_folder} if device_map is not None else None  # fmt: skip
+    if placement is not None and spec.startswith(("random:", "tiny:")):
+        raise OptlabError(f"device_map needs a model folder or hub id, not {spec!r}: "
+                          "save_pretrained the model and load the folder")  # fmt: skip
     if spec == "default":
-        model, tokenizer = _from_folder(prepare_default(), torch_dtype)
+        model, tokenizer = _from_folder(prepare_default(), torch_dtype, placement=placement)
     elif spec.startswith("random:"):
         model, tokenizer = _random(spec.removeprefix("random:"), RANDOM_SHAPES, seed, torch_dtype)
     elif spec.startswith("tiny:"):
@@ -166,14 +181,19 @@ def load_model(
     else:
         source = _local_or_hub(spec)
         if (Path(source) / "quantization.json").is_file():  # packed weights: optlab.quant
+            if placement is not None:
+                raise OptlabError("device_map is not supported for quantized models")
             from optlab.quant.storage import load_quantized
 
             model, tokenizer = load_quantized(source, torch_dtype)
         else:
-            model, tokenizer = _from_folder(source, torch_dtype, offline=not Path(source).is_dir())
+            model, tokenizer = _from_folder(source, torch_dtype, offline=not Path(source).is_dir(),
+                                            placement=placement)  # fmt: skip
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.to(torch_device).eval()
+    if placement is None:  # a dispatched model stays where accelerate put it
+        model.to(torch_device)
+    model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, seed=seed)
 
 
@@ -192,7 +212,10 @@ def _local_or_hub(spec: str) -> str:
 
 
 def _from_folder(
-    source: str | Path, dtype: torch.dtype, offline: bool = False
+    source: str | Path,
+    dtype: torch.dtype,
+    offline: bool = False,
+    placement: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, Any]:
     """``from_pretrained`` for a folder or a hub id. A hub id already in the local hub cache
     loads without the network; an unreachable hub fails at once instead of retrying."""
@@ -217,8 +240,9 @@ def _from_folder(
     # safetensors only: never unpickle weights from an untrusted checkpoint.
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, use_safetensors=True, local_files_only=local_only
-        )
+            source, dtype=dtype, use_safetensors=True, local_files_only=local_only,
+            **(placement or {}),  # device_map, max_memory, offload_folder
+        )  # fmt: skip
     except OSError as err:
         raise OptlabError(
             f"cannot load weights of {source!r}: {_first_line(err)} (optlab reads safetensors only)"

@@ -87,6 +87,35 @@ def _git_sha() -> str | None:
     return sha + ("-dirty" if dirty else "")
 
 
+# The launchers' rank variables (torchrun / accelerate launch, then MPI), as accelerate reads them.
+_RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "PMI_RANK")
+
+
+def is_main_process() -> bool:
+    """True on the process that writes results: rank 0 of a multi-process launch, or the only
+    process. Read from the launcher's environment, so that it can be asked before any
+    Accelerator exists (a run directory opens before training starts)."""
+    for name in _RANK_VARIABLES:
+        if os.environ.get(name):
+            return int(os.environ[name]) == 0
+    return True
+
+
+def rank_run_path(out: str | Path) -> Path:
+    """Where this process writes its run directory: ``out`` on the main process, a scratch
+    folder (removed at exit) on every other rank. Every rank runs the same job code, and two
+    processes staging and moving one run directory into place would race.
+
+    """
+    if is_main_process():
+        return Path(out)
+    import atexit
+
+    scratch = tempfile.mkdtemp(prefix="optlab-rank-")
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    return Path(scratch) / Path(out).name
+
+
 def check_target(path: str | Path, force: bool) -> None:
     """Refuse an output path before any work when writing a run there would replace something
     (or could not replace it): the one "exists; pass --force" check of every command."""
@@ -219,7 +248,9 @@ def execute(
     seed_everything(seed)
     if out is None:
         return body(None), None
-    with Run(out, config=config, seed=seed, device=device, dtype=dtype, force=force) as run:
+    with Run(
+        rank_run_path(out), config=config, seed=seed, device=device, dtype=dtype, force=force
+    ) as run:
         metrics = body(run)
         run.add_metrics(metrics)
     log.info("run written to %s", run.path)

@@ -4,6 +4,10 @@ PERP retraining and unlearning differ only in their loss; the loop (AdamW, a lin
 stepped once per optimizer step, gradient accumulation, a finite-loss guard, an exact step
 budget, a progress bar) is written once here. ``accelerate launch`` runs it on several GPUs.
 
+Under ``accelerate launch`` every process draws the same global batch (same seeds, same
+order) and computes on its own rows of it (:func:`local_rows`); DDP averages the gradients,
+so N processes take the optimizer steps one process takes with the same global batch.
+
 >>> accelerator = make_accelerator(grad_accum=2, device=model.device)
 >>> result = train_loop(accelerator, model, lambda m, step, micro: m(**batch).loss,
 ...                     TrainConfig(steps=100, lr=1e-5, grad_accum=2))
@@ -14,7 +18,7 @@ budget, a progress bar) is written once here. ``accelerate launch`` runs it on s
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +56,74 @@ def make_accelerator(grad_accum: int, device: torch.device | None = None) -> Acc
     # accelerate.backward() divides the loss by this, so it must be the real accumulation.
     cpu = device is not None and device.type == "cpu"
     return Accelerator(gradient_accumulation_steps=grad_accum, cpu=cpu)
+
+
+def local_rows(accelerator: Accelerator, size: int) -> range:
+    """This process's rows of a global batch of ``size`` rows: a contiguous 1/N share, so the
+    N processes together cover the batch one process would see, in the same order.
+
+    >>> local_rows(accelerator, 8)  # process 1 of 2
+    range(4, 8)
+    """
+    world = accelerator.num_processes
+    if size % world:
+        raise OptlabError(
+            f"batch_size {size} is the global batch and must split evenly across {world} "
+            f"processes: use a multiple of {world}"
+        )
+    share = size // world
+    return range(accelerator.process_index * share, (accelerator.process_index + 1) * share)
+
+
+def dropout_active(model: nn.Module) -> bool:
+    """Whether a training forward of ``model`` draws random numbers: a dropout module with
+    p > 0, or a dropout probability > 0 in its config (most HF families call dropout as a
+    function, so their attention and residual dropout are no modules)."""
+    if any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
+        return True
+    config = getattr(model, "config", None)
+    values = config.to_dict() if hasattr(config, "to_dict") else {}
+    return any(
+        ("dropout" in key or "pdrop" in key)
+        and isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and value > 0
+        for key, value in values.items()
+    )
+
+
+@contextlib.contextmanager
+def seeded_rng(device: torch.device, *key: int) -> Iterator[None]:
+    """Draw from generators seeded by ``key`` inside, then restore the outer streams."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        # A tuple of ints hashes the same in every process (only str hashing is salted).
+        torch.manual_seed(hash(key) & (2**63 - 1))
+        yield
+
+
+def shard_loss(
+    rows: range,
+    loss_of: Callable[[list[int]], torch.Tensor],
+    *,
+    rowwise: bool,
+    key: tuple[int, ...],
+    device: torch.device,
+) -> torch.Tensor:
+    """The mean loss of this process's ``rows`` of a global batch; ``loss_of(rows)`` computes
+    the mean loss of a list of row indices.
+
+    ``rowwise`` (set it when dropout is on): one forward per row, each under generators
+    seeded by ``(*key, row)``, so a row's dropout mask depends on the row alone and not on
+    how the global batch is split across processes. Otherwise one batched forward.
+    """
+    if not rowwise:
+        return loss_of(list(rows))
+    total = torch.zeros((), device=device)
+    for row in rows:
+        with seeded_rng(device, *key, row):
+            total = total + loss_of([row])
+    return total / len(rows)
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
@@ -92,8 +164,8 @@ def train_loop(
     stop that is checked after every step). Returns ``losses`` (one mean per step),
     ``optimizer_steps`` (counted by the optimizer itself) and ``stopped_early``.
 
-    ``micro_loss`` draws its own data from (step, micro): under ``accelerate launch`` each
-    process should take a different share (see ``accelerator.process_index``).
+    ``micro_loss`` draws its own data from (step, micro): every process should draw the same
+    global micro-batch and compute on its :func:`local_rows` (see :func:`shard_loss`).
     """
     home = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]

@@ -44,8 +44,11 @@ from optlab.core.train import (
     TrainConfig,
     autocast,
     check_finite,
+    dropout_active,
     linear_schedule,
+    local_rows,
     make_accelerator,
+    shard_loss,
     train_loop,
 )
 from optlab.errors import OptlabError, did_you_mean
@@ -70,7 +73,9 @@ class PerpConfig:
     function it merges, and leaving the head out keeps a tied embedding tied (training the
     head of SmolLM2/OPT/GPT-2 means untying it, see :func:`untie_head`). ``steps`` are
     optimizer steps, honoured exactly; each sees ``batch_size * grad_accum`` windows of
-    ``seq_len`` tokens (per process). For ``reconstruct``, ``steps`` counts per block and the
+    ``seq_len`` tokens. ``batch_size`` is the global micro-batch: under ``accelerate launch``
+    with N processes each takes ``batch_size / N`` of its windows (N must divide it), so the
+    steps match one process's. For ``reconstruct``, ``steps`` counts per block and the
     data is ``windows`` fixed windows; ``params`` and ``lora`` are ignored by ``full``, which
     trains everything.
 
@@ -259,19 +264,25 @@ def _train_lm(
 ) -> dict:
     """Next-token training of the parameters with ``requires_grad`` on the shared loop.
 
-    Each process draws the same windows and takes every ``num_processes``-th micro-batch, so
-    a step is ``grad_accum`` micro-batches per process and the step count never changes.
+    Micro-batch i is windows ``[i * batch_size, (i + 1) * batch_size)`` on every process;
+    each process trains on its :func:`local_rows` of it. Windows all have ``seq_len`` tokens,
+    so the mean over a share is an equal part of the mean over the micro-batch.
     """
     masks = []
     if config.method == "full":  # in each weight's own layout (Conv1D is in x out)
         masks = [(m.weight, m.weight.detach() != 0) for m in pruned_linears(model).values()]
-    rank, world = accelerator.process_index, accelerator.num_processes
     size = config.batch_size
+    rows, rowwise = local_rows(accelerator, size), dropout_active(model)
 
     def micro_loss(wrapped: nn.Module, step: int, micro: int) -> torch.Tensor:
-        index = ((step - 1) * config.grad_accum + micro) * world + rank
-        ids = windows[index * size : (index + 1) * size].to(accelerator.device)
-        return wrapped(input_ids=ids, labels=ids, use_cache=False).loss
+        first = ((step - 1) * config.grad_accum + micro) * size
+
+        def loss_of(group: list[int]) -> torch.Tensor:
+            ids = windows[[first + row for row in group]].to(accelerator.device)
+            return wrapped(input_ids=ids, labels=ids, use_cache=False).loss
+
+        return shard_loss(rows, loss_of, rowwise=rowwise, key=(config.seed, step, micro),
+                          device=accelerator.device)  # fmt: skip
 
     @torch.no_grad()
     def reapply_masks(step: int, loss: float) -> None:
@@ -381,7 +392,8 @@ def retrain(
     else:
         # accelerate.Accelerator: imported here, as it is slow and only training needs it.
         accelerator = make_accelerator(config.grad_accum, next(model.parameters()).device)
-        count = config.steps * config.grad_accum * config.batch_size * accelerator.num_processes
+        local_rows(accelerator, config.batch_size)  # a batch that does not split fails now
+        count = config.steps * config.grad_accum * config.batch_size
     windows = sample_windows(lm.tokenizer, load_text(config.corpus), count, config.seq_len,
                              config.seed)  # fmt: skip
     masks_before = _masks_on_cpu(model)

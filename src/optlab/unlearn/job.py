@@ -25,7 +25,7 @@ from typing import Any
 
 from optlab.core.config import config_to_dict
 from optlab.core.models import LoadedModel, load_model, save_model
-from optlab.core.run import Run, peak_memory_gb, seed_everything
+from optlab.core.run import Run, peak_memory_gb, rank_run_path, seed_everything
 from optlab.errors import OptlabError
 from optlab.unlearn.data import load_examples, save_examples
 from optlab.unlearn.harm import HarmClassifier
@@ -117,8 +117,8 @@ def unlearn_to_run(
     run_config = {"command": "unlearn", "model": lm.spec, "scenario": data.name,
                   **config_to_dict(config), "eval": config_to_dict(eval_config),
                   "teach": config_to_dict(teach) if data.teach else None}  # fmt: skip
-    with Run(out, config=run_config, seed=config.seed, device=str(lm.device), dtype=dtype,
-             force=force) as run:  # fmt: skip
+    with Run(rank_run_path(out), config=run_config, seed=config.seed, device=str(lm.device),
+             dtype=dtype, force=force) as run:  # fmt: skip
         seed_everything(config.seed)
         for name in ("forget", "retain", "holdout"):
             save_examples(run.dir / f"{name}.jsonl", getattr(data, name))
@@ -201,8 +201,8 @@ def sweep(
                   "eval": config_to_dict(eval_config),
                   "teach": config_to_dict(teach) if scenario == "book" else None}  # fmt: skip
     rows: list[dict[str, Any]] = []
-    with Run(out, config=run_config, seed=seeds[0], device=str(base_lm.device), dtype=dtype,
-             force=force) as run:  # fmt: skip
+    with Run(rank_run_path(out), config=run_config, seed=seeds[0], device=str(base_lm.device),
+             dtype=dtype, force=force) as run:  # fmt: skip
         for seed in seeds:
             seed_everything(seed)
             data = get_scenario(scenario, base_lm, seed, **options)

@@ -25,7 +25,14 @@ from torch import nn
 
 from optlab.core.anatomy import Anatomy
 from optlab.core.models import LoadedModel
-from optlab.core.train import TrainConfig, make_accelerator, train_loop
+from optlab.core.train import (
+    TrainConfig,
+    dropout_active,
+    local_rows,
+    make_accelerator,
+    shard_loss,
+    train_loop,
+)
 from optlab.errors import OptlabError, did_you_mean
 from optlab.retrain.lora import LoraLinear, adapters_of, merge_adapters
 from optlab.unlearn.data import Batch, Example, encode
@@ -40,7 +47,9 @@ LORA_TARGETS = ("q_proj", "v_proj", "c_attn", "query_key_value", "qkv_proj", "Wq
 @dataclass(frozen=True)
 class UnlearnConfig:
     """How to unlearn. ``steps`` optimizer steps of ``grad_accum`` micro-batches, each with
-    ``batch_size`` forget and ``batch_size`` retain examples; ``random_answers`` is the K of
+    ``batch_size`` forget and ``batch_size`` retain examples (the global batch: under
+    ``accelerate launch`` with N processes each takes ``batch_size / N`` of them, and N must
+    divide it); ``random_answers`` is the K of
     ``ga_kl_rand``; ``retain_weight`` weighs the retain term (graddiff, npo: retain CE;
     ga_kl_rand: its KL); ``stop_forget_ce`` ends training once the forget cross-entropy exceeds it.
 
@@ -154,6 +163,8 @@ def unlearn(
     if adapters_of(model):
         raise OptlabError("the model already has LoRA adapters: merge them first")
     torch.manual_seed(config.seed)
+    accelerator = make_accelerator(config.grad_accum, next(model.parameters()).device)
+    rows = local_rows(accelerator, config.batch_size)  # fails before the model is touched
     reference = None
     if config.method in NEEDS_REFERENCE:  # the frozen model before unlearning
         reference = copy.deepcopy(model).eval().requires_grad_(False)
@@ -162,14 +173,15 @@ def unlearn(
     model.requires_grad_(not config.lora)
     if config.lora:
         add_qv_adapters(model, config.rank, config.alpha)
-    accelerator = make_accelerator(config.grad_accum, next(model.parameters()).device)
     if reference is not None:  # accelerate may move the trained model to its own device
         reference.to(accelerator.device)
-    rank = accelerator.process_index
-    # Each process draws its own stream; the same seed on one process reproduces a run.
-    forget_draw = _Sampler(forget, config.seed * 1000 + rank)
-    retain_draw = _Sampler(retain or [], config.seed * 1000 + 500 + rank)
-    answers = _Sampler(retain or [], config.seed * 1000 + 900 + rank)
+    # Every process draws the same global batch from the same streams and trains on its
+    # local_rows of it, so N processes see what one process sees (random answers included).
+    forget_draw = _Sampler(forget, config.seed * 1000)
+    retain_draw = _Sampler(retain or [], config.seed * 1000 + 500)
+    answers = _Sampler(retain or [], config.seed * 1000 + 900)
+    size = config.batch_size
+    rowwise = dropout_active(model)
     loss_fn = LOSSES[config.method]
     device = accelerator.device
     parts: list[dict[str, float]] = []
@@ -179,24 +191,46 @@ def unlearn(
 
     def micro_loss(wrapped: nn.Module, step: int, micro: int) -> torch.Tensor:
         use_forget = forget and config.method != "retain_only"
-        forget_examples = forget_draw.take(config.batch_size) if use_forget else []
-        inputs = LossInputs(wrapped, batch(forget_examples) if forget_examples else None,
-                            reference=reference, beta=config.beta,
-                            retain_weight=config.retain_weight)  # fmt: skip
-        if needs_retain:
-            inputs.retain = batch(retain_draw.take(config.batch_size))
-        if config.method == "ga_kl_rand":
-            inputs.random = batch([
-                Example(a.answer, q.question)
-                for q in forget_examples for a in answers.take(config.random_answers)
-            ])  # fmt: skip
-        loss, values = loss_fn(inputs)
-        parts.append(values)
+        forget_examples = forget_draw.take(size) if use_forget else []
+        retain_examples = retain_draw.take(size) if needs_retain else []
+        kl_rand = config.method == "ga_kl_rand"
+        random_answers = [answers.take(config.random_answers) for _ in forget_examples
+                          ] if kl_rand else []  # fmt: skip
+        # The retain tokens the KL averages over in the whole global batch.
+        kl_tokens = int(encode(tokenizer, retain_examples, config.max_length).attention_mask
+                        .sum()) if kl_rand else 0  # fmt: skip
+        values: list[dict[str, float]] = []
+
+        def loss_of(group: list[int]) -> torch.Tensor:
+            chosen = [forget_examples[i] for i in group] if forget_examples else []
+            inputs = LossInputs(wrapped, batch(chosen) if chosen else None, reference=reference,
+                                beta=config.beta, retain_weight=config.retain_weight)  # fmt: skip
+            if needs_retain:
+                inputs.retain = batch([retain_examples[i] for i in group])
+            if kl_rand:
+                inputs.random = batch([Example(a.answer, forget_examples[i].question)
+                                       for i in group for a in random_answers[i]])  # fmt: skip
+                # The KL is a mean over the retain tokens of the batch it is given, the other
+                # terms means over examples: weigh this group's KL by its share of the global
+                # batch's tokens, so the mean over equal groups is the global batch's KL.
+                share = size * int(inputs.retain.attention_mask.sum()) / (len(group) * kl_tokens)
+                inputs.retain_weight *= share
+            loss, part = loss_fn(inputs)
+            values.append(part)
+            return loss
+
+        loss = shard_loss(rows, loss_of, rowwise=rowwise, key=(config.seed, step, micro),
+                          device=device)  # fmt: skip
+        parts.append({k: sum(v[k] for v in values) / len(values) for k in values[0]})
         return loss
 
     def stop(step: int, loss: float) -> bool:
         ce = parts[-1].get("forget_ce") if parts else None
-        return config.stop_forget_ce is not None and ce is not None and ce > config.stop_forget_ce
+        if config.stop_forget_ce is None or ce is None:
+            return False
+        # Every process must take the same decision, or one waits forever for the others.
+        ce = accelerator.reduce(torch.tensor(ce, device=device), "mean").item()
+        return ce > config.stop_forget_ce
 
     train = TrainConfig(steps=config.steps, lr=config.lr, grad_accum=config.grad_accum,
                         warmup=config.warmup, desc=f"unlearn {config.method}")  # fmt: skip
