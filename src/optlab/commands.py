@@ -9,6 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from optlab import api
+from optlab.audit.graph import GraphConfig
+from optlab.audit.reliability import ReliabilityConfig
+from optlab.audit.skeb import SkebConfig
 from optlab.core.calibration import Calibration
 from optlab.core.job import COMMANDS, Command, Input, Job, Result, Section, register_command
 from optlab.eval.perplexity import PerplexityEval
@@ -146,6 +149,81 @@ register_command(Command(
     ),
     run=_retrain,
     examples=("optlab retrain runs/w50 --method perp --steps 200 --out runs/w50-perp",),
+))  # fmt: skip
+
+
+RUNS_CSV = Input("runs", "RUNS.csv", "table of unlearning runs (the runs.csv of unlearn sweep)")
+GROUPS = {  # two-word commands ("audit skeb") are subcommands of their first word
+    "audit": ("audit unlearning: metric reliability (UQS), persuasion probes (SKeB)",
+              "Did unlearning really forget, and can its numbers be trusted?"),
+}  # fmt: skip
+
+
+def _reliability(job: Job, *, out: str | Path | None, force: bool, progress: bool) -> Result:
+    return api.audit_reliability(job.inputs["runs"], job.configs["audit"], seed=job.seed,
+                                 out=out, force=force)  # fmt: skip
+
+
+register_command(Command(
+    name="audit reliability",
+    help="do the unlearning metrics agree; which method is best by UQS",
+    description="Analyse a table of unlearning runs (the runs.csv of `optlab unlearn sweep`:\n"
+    "run_id,dataset,seed,method,FA,RA,MIA,AD,JS,distance) as in arXiv 2605.02206:\n"
+    "  1. per (dataset, seed) group, Kendall tau between the method rankings of each pair\n"
+    "     of metrics (stable ties), mean over groups and a t-test against 0\n"
+    "  2. pooled Kendall tau-b over all runs, per pair and on average\n"
+    "  3. Spearman rho of each metric with -distance to the oracle (reliability)\n"
+    "  4. weights w = max(rho, 0.01), normalised (full data, or 5-fold --weights cv)\n"
+    "  5. the Unified Quality Score per method and the ranking\n"
+    "  6. stability: ranking tau under --trials Dirichlet(1) weightings\n"
+    "Writes metrics.json, report.md and plots (tau heatmap, rho bars, UQS ranking).",
+    inputs=(RUNS_CSV,),
+    sections=(Section("audit", ReliabilityConfig(), "reliability"),),
+    run=_reliability,
+    seed=42,
+    examples=("optlab audit reliability runs/sweep/runs.csv --out runs/reliability",),
+))  # fmt: skip
+
+
+def _skeb(job: Job, *, out: str | Path | None, force: bool, progress: bool) -> Result:
+    return api.audit_skeb(_load(job), job.configs["audit"], seed=job.seed, out=out,
+                          force=force, progress=progress)  # fmt: skip
+
+
+register_command(Command(
+    name="audit skeb",
+    help="persuasion probes: do framed questions bring forgotten facts back",
+    description="Ask each forgotten fact plainly and in emotional, logical and authority\n"
+    "framings, judge every answer against the domain graph (factual / non-factual /\n"
+    "hallucinated per sentence), and report per framing the recall with bootstrap CIs,\n"
+    "the relative recovery vs the plain question, and OLS of each behaviour on the\n"
+    "prompt's entanglement metrics M1-M9 (Shah & Le, arXiv 2510.25732).\n"
+    "Facts: --prompts FILE, else --forgotten RUN_OR_FILE, else MODEL_OR_RUN/forget.jsonl,\n"
+    "else the capital of every country (domain countries).",
+    inputs=(Input("model", "MODEL_OR_RUN", "the (unlearned) model to audit"),),
+    sections=(Section("audit", SkebConfig(), "probes"),),
+    run=_skeb,
+    examples=("optlab audit skeb runs/unlearned --base default --limit 20 --out runs/skeb",),
+))  # fmt: skip
+
+
+def _graph(job: Job, *, out: str | Path | None, force: bool, progress: bool) -> Result:
+    return api.audit_graph(job.configs["graph"], out=out, force=force)
+
+
+register_command(Command(
+    name="audit graph",
+    help="build a domain graph (entity co-occurrence) and save it as JSON",
+    description="Build the co-occurrence graph of a domain: the shipped country records\n"
+    "(--domain countries) or a corpus with an entity list and an alias map. Node\n"
+    "frequency = units naming the entity; edge weight = units naming both. Prints the\n"
+    "summary; `optlab audit skeb ... --domain GRAPH.json` uses the saved graph.",
+    inputs=(),
+    sections=(Section("graph", GraphConfig(), "graph"),),
+    run=_graph,
+    out="file",
+    examples=("optlab audit graph --corpus book.txt --entities names.txt --aliases "
+              "aliases.json --unit-regex '^CHAPTER' --out book-graph.json",),
 ))  # fmt: skip
 
 

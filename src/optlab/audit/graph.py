@@ -21,10 +21,12 @@ import json
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from optlab.core.config import configurable, option
 from optlab.errors import OptlabError
 
 GRAPH_FORMAT = "optlab-domain-graph/1"
@@ -364,3 +366,33 @@ def graph_from_files(
         ):
             raise OptlabError(f"{aliases}: expected a JSON object of name -> [aliases]")
     return DomainGraph.from_corpus(units, names, alias_map)
+
+
+@configurable("graph")
+@dataclass(frozen=True)
+class GraphConfig:
+    """Where a domain graph comes from: a built-in domain, or a corpus with its entities.
+
+    >>> GraphConfig(domain="countries")
+    GraphConfig(domain='countries', corpus=None, entities=None, aliases=None, unit_regex=None)
+    """
+
+    domain: str | None = option(None, "a built-in domain (countries)")
+    corpus: str | None = option(None, ".txt corpus; units are blank-line separated documents")
+    entities: str | None = option(None, "entity names, one per line")
+    aliases: str | None = option(None, 'JSON object: {"name": ["alias", ...]}')
+    unit_regex: str | None = option(None, "split units at this regex instead (e.g. ^CHAPTER)")
+
+    def __post_init__(self) -> None:
+        if self.domain and self.corpus:
+            raise OptlabError("give --domain countries, or --corpus FILE with --entities FILE")
+        if self.corpus and not self.entities:
+            raise OptlabError("--corpus needs --entities FILE (one entity name per line)")
+
+    def build(self) -> DomainGraph:
+        if not (self.domain or self.corpus):
+            raise OptlabError("give --domain countries, or --corpus FILE with --entities FILE")
+        if self.domain:
+            return load_domain(self.domain)
+        return graph_from_files(str(self.corpus), str(self.entities), self.aliases,
+                                self.unit_regex)  # fmt: skip

@@ -26,6 +26,7 @@ from typing import Any, Literal
 import numpy as np
 from scipy import stats
 
+from optlab.core.config import configurable, option, require, require_positive
 from optlab.errors import OptlabError
 
 METRICS = ("FA", "RA", "MIA", "AD", "JS")
@@ -363,43 +364,37 @@ def reliability_report(result: dict[str, Any], source: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def reliability_to_run(
-    runs_csv: str | Path,
-    out: str | Path,
-    *,
-    weights: Literal["full", "cv"] = "full",
-    trials: int = 100,
-    seed: int = 42,
-    force: bool = False,
-) -> dict[str, Any]:
-    """Analyse a runs table and write a run directory: ``metrics.json`` (every statistic),
-    ``report.md``, the three plots and a copy of the table.
+@configurable("reliability")
+@dataclass(frozen=True)
+class ReliabilityConfig:
+    """How the metric weights are fitted and how often the ranking is re-weighted.
 
-    >>> reliability_to_run("runs/sweep/runs.csv", "runs/reliability")["uqs"]["ranking"][0]
-    'gradient_ascent'
+    >>> ReliabilityConfig(weights="cv", trials=200)
+    ReliabilityConfig(weights='cv', trials=200)
     """
-    from optlab.audit import plots
-    from optlab.core.run import Run
 
-    table = load_runs(runs_csv)  # fails before anything is written
-    result = reliability(table, weights=weights, trials=trials, seed=seed)
-    config = {"command": "audit reliability", "runs": str(runs_csv), "weights": weights,
-              "trials": trials, "seed": seed}  # fmt: skip
-    with Run(out, config=config, seed=seed, force=force) as run:
-        run.add_metrics(result)
-        run.save_text("runs.csv", Path(runs_csv).read_text(encoding="utf-8"))
-        run.save_text("report.md", reliability_report(result, str(runs_csv)))
-        (run.dir / "tau_heatmap.png").write_bytes(plots.heatmap(
-            tau_matrix(result["group_tau"]), METRICS, "Mean per-group Kendall tau"))  # fmt: skip
-        rho = [result["spearman"][m]["rho"] for m in METRICS]
-        (run.dir / "rho_bars.png").write_bytes(plots.bars(
-            METRICS, [math.nan if r is None else r for r in rho],
-            "Reliability: Spearman rho with -distance", "rho"))  # fmt: skip
-        ranking = result["uqs"]["ranking"]
-        (run.dir / "uqs_ranking.png").write_bytes(
-            plots.bars(
-                ranking, [result["uqs"]["scores"][m] for m in ranking], "UQS by method", "UQS"
-            )
-        )
-    result["run"] = str(run.path)
-    return result
+    weights: str = option("full", "rho on all runs (published) or 5-fold CV",
+                          choices=("full", "cv"))  # fmt: skip
+    trials: int = option(100, "Dirichlet weightings for the stability check")
+
+    def __post_init__(self) -> None:
+        require(self.weights in ("full", "cv"), f"weights must be full or cv, got "
+                f"{self.weights!r}")  # fmt: skip
+        require_positive(self, "trials")
+
+
+def save_reliability(run_dir: Path, result: dict[str, Any], runs_csv: str | Path) -> None:
+    """Write a copy of the table, ``report.md`` and the three plots into a staged run."""
+    from optlab.audit import plots
+
+    (run_dir / "runs.csv").write_text(Path(runs_csv).read_text(encoding="utf-8"), "utf-8")
+    (run_dir / "report.md").write_text(reliability_report(result, str(runs_csv)), "utf-8")
+    (run_dir / "tau_heatmap.png").write_bytes(plots.heatmap(
+        tau_matrix(result["group_tau"]), METRICS, "Mean per-group Kendall tau"))  # fmt: skip
+    rho = [result["spearman"][m]["rho"] for m in METRICS]
+    (run_dir / "rho_bars.png").write_bytes(plots.bars(
+        METRICS, [math.nan if r is None else r for r in rho],
+        "Reliability: Spearman rho with -distance", "rho"))  # fmt: skip
+    ranking = result["uqs"]["ranking"]
+    scores = [result["uqs"]["scores"][m] for m in ranking]
+    (run_dir / "uqs_ranking.png").write_bytes(plots.bars(ranking, scores, "UQS by method", "UQS"))

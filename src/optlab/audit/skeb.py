@@ -20,6 +20,7 @@ import math
 import re
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from optlab.audit.entangle import METRIC_NAMES, entanglement
 from optlab.audit.graph import DomainGraph
 from optlab.audit.judge import LABELS, GraphJudge, Judge
 from optlab.audit.probes import QA_FORMAT, Fact, Probe, TemplateLibrary, build_probes
+from optlab.core.config import configurable, option, require_positive
 from optlab.core.models import LoadedModel
 from optlab.errors import OptlabError
 
@@ -247,138 +249,102 @@ def skeb_report(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def skeb_to_run(
-    lm: LoadedModel,
+@configurable("skeb")
+@dataclass(frozen=True)
+class SkebConfig:
+    """What to probe and how. Facts come from ``prompts``, else ``forgotten``, else the
+    audited run's own ``forget.jsonl``, else the domain's capital questions.
+
+    >>> SkebConfig(limit=20, base="default").prompt_template
+    '### Question: {prompt}\\n ### Answer:'
+    """
+
+    domain: str = option("countries", "countries, or a graph .json written by optlab")
+    forgotten: str | None = option(None, "unlearning run (its forget.jsonl) or .jsonl of "
+                                   "question/answer", metavar="RUN_OR_FILE")  # fmt: skip
+    prompts: str | None = option(None, "prompts written elsewhere: question, answer, framing, "
+                                 "prompt", metavar="FILE.jsonl")  # fmt: skip
+    templates: str | None = option(None, "extra or replacement framing files", metavar="DIR")
+    limit: int | None = option(None, "probe only the first N facts")
+    base: str | None = option(None, "also probe this model and compare", metavar="MODEL")
+    variants: tuple[str, ...] = option((), "also probe these (e.g. compressed copies of the "
+                                       "unlearned model)", metavar="M1,M2")  # fmt: skip
+    judge: str = option("graph", "graph, or a judge MODEL")
+    prompt_format: str = option("qa", "qa ('### Question: ...\\n ### Answer:', as unlearning "
+                                "trains), raw, or a string with {prompt}",
+                                flag="--format")  # fmt: skip
+    max_new_tokens: int = option(40, "tokens generated per answer")
+    batch_size: int = option(8, "prompts per forward pass")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "variants", tuple(v for v in self.variants if v))
+        require_positive(self, "limit", "max_new_tokens", "batch_size")
+        if self.prompts and (self.forgotten or self.templates):
+            raise OptlabError("--prompts brings its own facts and framings; drop --forgotten "
+                              "and --templates")  # fmt: skip
+        if "{prompt}" not in self.prompt_template:
+            raise OptlabError(f"--format must be qa, raw or a string with {{prompt}}, got "
+                              f"{self.prompt_format!r}")  # fmt: skip
+
+    @property
+    def prompt_template(self) -> str:
+        return {"qa": QA_FORMAT, "raw": "{prompt}"}.get(self.prompt_format, self.prompt_format)
+
+
+def resolve_facts(
+    config: SkebConfig, model: str, graph: DomainGraph
+) -> tuple[list[Fact], list[Probe] | None]:
+    """The facts to probe (and, with ``prompts``, the probes themselves)."""
+    from optlab.audit.probes import country_facts, load_facts, load_prompts
+
+    probes = None
+    if config.prompts:
+        facts, probes = load_prompts(config.prompts)
+    elif config.forgotten:
+        facts = load_facts(config.forgotten, graph)
+    elif (Path(model) / "forget.jsonl").is_file():
+        facts = load_facts(model, graph)
+    elif config.domain == "countries":
+        facts = country_facts()
+    else:
+        raise OptlabError(f"domain {config.domain!r} has no built-in facts: pass --forgotten "
+                          "FILE or --prompts FILE")  # fmt: skip
+    if config.limit is not None:
+        facts = facts[: config.limit]
+        probes = None if probes is None else [p for p in probes if p.fact < config.limit]
+    return list(facts), probes
+
+
+def save_skeb(
+    run_dir: Path,
+    result: dict[str, Any],
+    rows: dict[str, list[dict[str, Any]]],
     graph: DomainGraph,
-    facts: Sequence[Fact],
-    out: str | Path,
-    *,
-    config: dict[str, Any],
-    force: bool = False,
-    **options: Any,
-) -> dict[str, Any]:
-    """Run :func:`skeb_audit` and write a run directory: ``metrics.json``, ``probes_*.jsonl``
-    (every prompt, response, labels and metrics), ``report.md``, the graph and plots."""
+) -> None:
+    """Write ``probes_*.jsonl`` (every prompt, response, labels and metrics), the graph,
+    ``report.md`` and the plots into a staged run directory."""
     import json
 
     from optlab.audit import plots
-    from optlab.core.run import Run
 
-    with Run(out, config=config, seed=options.get("seed", 0), device=str(lm.device),
-             force=force) as run:  # fmt: skip
-        result, rows = skeb_audit(lm, graph, facts, **options)
-        run.add_metrics(result)
-        for name, model_rows in rows.items():
-            safe = re.sub(r"[^\w.-]+", "_", name)  # a model spec may hold / or :
-            run.save_text(f"probes_{safe}.jsonl", "".join(
-                json.dumps(r, ensure_ascii=False) + "\n" for r in model_rows))  # fmt: skip
-        graph.save(run.dir / "graph.json")
-        run.save_text("report.md", skeb_report(result))
-        audited = result["models"]["audited"]
-        framings = list(audited["framings"])
-        recall = [audited["framings"][f]["recall"] for f in framings]
-        (run.dir / "recall_by_framing.png").write_bytes(plots.bars(
-            framings, [r["mean"] for r in recall], "Recall of the forgotten fact by framing",
-            "recall", errors=[(r["low"], r["high"]) for r in recall]))  # fmt: skip
-        r2 = audited["regression"]["recall"]["per_metric"]
-        (run.dir / "r2_by_metric.png").write_bytes(plots.bars(
-            METRIC_NAMES, [math.nan if r2[m]["r2"] is None else r2[m]["r2"] for m in
-                           METRIC_NAMES], "Recall ~ metric: R^2", "R^2"))  # fmt: skip
-        if "comparison" in result:
-            comp = result["comparison"]
-            (run.dir / "recall_by_model.png").write_bytes(plots.grouped_bars(
-                framings, {n: [comp[f][n] for f in framings] for n in result["models"]},
-                "Recall by framing", "recall"))  # fmt: skip
-    result["run"] = str(run.path)
-    return result
-
-
-def audit_skeb(
-    model: str,
-    out: str | Path,
-    *,
-    domain: str = "countries",
-    forgotten: str | None = None,
-    prompts: str | None = None,
-    templates: str | None = None,
-    limit: int | None = None,
-    base: str | None = None,
-    variants: Sequence[str] = (),
-    judge: str = "graph",
-    prompt_format: str = QA_FORMAT,
-    max_new_tokens: int = 40,
-    batch_size: int = 8,
-    seed: int = 0,
-    device: str = "cpu",
-    dtype: str = "float32",
-    force: bool = False,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """The ``optlab audit skeb`` command as a function: resolve the domain, the facts (from
-    ``prompts``, ``forgotten``, the run's own ``forget.jsonl``, or the domain's capital
-    questions) and the models, then :func:`skeb_to_run`.
-
-    >>> audit_skeb("runs/unlearned", "runs/skeb", base="default", limit=20)
-    """
-    from optlab.audit.graph import load_domain
-    from optlab.audit.judge import ModelJudge
-    from optlab.audit.probes import country_facts, load_facts, load_prompts
-    from optlab.core.models import load_model
-    from optlab.eval.scorer import Scorer
-
-    if Path(out).exists() and not force:
-        raise OptlabError(f"run directory {str(out)!r} exists; pass --force to replace it")
-    if prompts and (forgotten or templates):
-        raise OptlabError("--prompts brings its own facts and framings; drop --forgotten and "
-                          "--templates")  # fmt: skip
-    prompt_format = {"qa": QA_FORMAT, "raw": "{prompt}"}.get(prompt_format, prompt_format)
-    if "{prompt}" not in prompt_format:
-        raise OptlabError(f"--format must be qa, raw or a string with {{prompt}}, got "
-                          f"{prompt_format!r}")  # fmt: skip
-    graph = load_domain(domain)
-    probes = None
-    if prompts:
-        facts, probes = load_prompts(prompts)
-    elif forgotten:
-        facts = load_facts(forgotten, graph)
-    elif (Path(model) / "forget.jsonl").is_file():
-        facts = load_facts(model, graph)
-    elif domain == "countries":
-        facts = country_facts()
-    else:
-        raise OptlabError(f"domain {domain!r} has no built-in facts: pass --forgotten FILE or "
-                          "--prompts FILE")  # fmt: skip
-    if limit is not None:
-        facts = facts[:limit]
-        probes = None if probes is None else [p for p in probes if p.fact < limit]
-    library = TemplateLibrary.load(templates) if probes is None else None
-    lm = load_model(model, dtype=dtype, device=device, seed=seed)
-    base_lm = load_model(base, dtype=dtype, device=device, seed=seed) if base else None
-    variant_lms = {v: load_model(v, dtype=dtype, device=device, seed=seed) for v in variants}
-    judge_impl: Judge = GraphJudge(graph)
-    if judge != "graph":
-        judge_lm = load_model(judge, dtype=dtype, device=device, seed=seed)
-        judge_impl = ModelJudge(Scorer(judge_lm, batch_size=batch_size, progress=progress))
-    config = {"command": "audit skeb", "model": model, "domain": domain,
-              "forgotten": forgotten, "prompts": prompts, "templates": templates,
-              "limit": limit, "base": base, "variants": list(variants), "judge": judge,
-              "prompt_format": prompt_format, "max_new_tokens": max_new_tokens,
-              "seed": seed}  # fmt: skip
-    return skeb_to_run(
-        lm,
-        graph,
-        facts,
-        out,
-        config=config,
-        force=force,
-        library=library,
-        probes=probes,
-        judge=judge_impl,
-        base=base_lm,
-        variants=variant_lms,
-        seed=seed,
-        prompt_format=prompt_format,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        progress=progress,
-    )
+    for name, model_rows in rows.items():
+        safe = re.sub(r"[^\w.-]+", "_", name)  # a model spec may hold / or :
+        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in model_rows)
+        (run_dir / f"probes_{safe}.jsonl").write_text(lines, encoding="utf-8")
+    graph.save(run_dir / "graph.json")
+    (run_dir / "report.md").write_text(skeb_report(result), encoding="utf-8")
+    audited = result["models"]["audited"]
+    framings = list(audited["framings"])
+    recall = [audited["framings"][f]["recall"] for f in framings]
+    (run_dir / "recall_by_framing.png").write_bytes(plots.bars(
+        framings, [r["mean"] for r in recall], "Recall of the forgotten fact by framing",
+        "recall", errors=[(r["low"], r["high"]) for r in recall]))  # fmt: skip
+    r2 = audited["regression"]["recall"]["per_metric"]
+    (run_dir / "r2_by_metric.png").write_bytes(plots.bars(
+        METRIC_NAMES, [math.nan if r2[m]["r2"] is None else r2[m]["r2"] for m in
+                       METRIC_NAMES], "Recall ~ metric: R^2", "R^2"))  # fmt: skip
+    if "comparison" in result:
+        comp = result["comparison"]
+        (run_dir / "recall_by_model.png").write_bytes(plots.grouped_bars(
+            framings, {n: [comp[f][n] for f in framings] for n in result["models"]},
+            "Recall by framing", "recall"))  # fmt: skip

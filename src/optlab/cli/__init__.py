@@ -36,7 +36,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from optlab.commands import registered
+    from optlab.commands import GROUPS, registered
 
     parser = Parser(
         prog="optlab",
@@ -53,8 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )  # fmt: skip
 
+    groups: dict[str, argparse._SubParsersAction] = {}
     for command in registered():
-        add_command(commands, command, legacy.EPILOG_MODELS)
+        where = commands
+        if " " in command.name:  # "audit skeb": a subcommand of "audit"
+            group = command.name.split()[0]
+            if group not in groups:
+                help_text, description = GROUPS[group]
+                parent = commands.add_parser(group, help=help_text, description=description)
+                groups[group] = parent.add_subparsers(dest=group, required=True,
+                                                      metavar=group.upper())  # fmt: skip
+            where = groups[group]
+        add_command(where, command, legacy.EPILOG_MODELS)
     legacy.add_commands(commands, make)
     runs.add_commands(commands)
     return parser

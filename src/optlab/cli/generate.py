@@ -132,11 +132,11 @@ def add_command(
             _add_flag(group, section, flag, hints[flag.field.name], len(_classes(section)))
     common = parser.add_argument_group("common options")
     if command.out != "none":
-        what = "run directory to write" if command.out == "required" else \
-            "also write a run directory here"  # fmt: skip
-        common.add_argument("--out", required=command.out == "required", help=what)
+        what = {"required": "run directory to write", "optional": "also write a run "
+                "directory here", "file": "file to write"}[command.out]  # fmt: skip
+        common.add_argument("--out", required=command.out in ("required", "file"), help=what)
         common.add_argument("--force", action="store_true",
-                            help="replace an existing run at --out")  # fmt: skip
+                            help="replace an existing --out of optlab's")  # fmt: skip
     common.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     common.add_argument("--seed", type=_number(int, "a whole number"), default=command.seed,
                         help=f"random seed (default {command.seed})")  # fmt: skip
@@ -159,7 +159,7 @@ def _add_flag(
         group.add_argument(name, dest=flag.dest, action="store_const", const=not f.default,
                            default=argparse.SUPPRESS, help=help_text)  # fmt: skip
         return
-    if default is not None and "default" not in help_text:
+    if default not in (None, ()) and "default" not in help_text:
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         help_text += f" (default {shown})"
     group.add_argument(

@@ -77,7 +77,8 @@ class Section:
 class Command:
     """A named unit of work: inputs, config sections, and the function that runs a job.
 
-    ``out`` is whether ``--out`` is ``required``, ``optional`` or ``none``.
+    ``out`` is whether ``--out`` is ``required``, ``optional`` or ``none`` (a run
+    directory), or ``file`` (a single file the command writes).
     """
 
     name: str
@@ -178,7 +179,7 @@ def run_job(
 ) -> Result:
     """Run a job: the output path is checked before anything is loaded."""
     command = COMMANDS.get(job.command)
-    if out is not None:
+    if out is not None and command.out != "file":  # a file output checks its own target
         check_target(out, force)
     elif command.out == "required":
         raise OptlabError(f"{command.name} writes a run: give an output directory (--out)")
