@@ -197,3 +197,15 @@ def test_cli_writes_report_plots_and_refuses_to_overwrite(capsys, tmp_path) -> N
     assert "| 1 | gradient_ascent | 0.6448 |" in (out / "report.md").read_text()
     assert main(args) == 2
     assert "exists; pass --force" in capsys.readouterr().err
+
+
+def test_degenerate_columns_are_named_with_what_they_do(caplog) -> None:
+    rows = [row(m, d, fa, 0.5, 0.1 * fa, 0.2 * fa, fa, 1.0) for d in ("d1", "d2")
+            for m, fa in (("ga", 0.1), ("npo", 0.2), ("oracle", 0.3))]  # fmt: skip
+    result = reliability(runs_from_rows(rows), trials=2)
+    assert any("distance is constant (1)" in w and "weights are all equal" in w
+               for w in result["warnings"])  # fmt: skip
+    assert any(w.startswith("column RA is constant") for w in result["warnings"])
+    assert not any(w.startswith("column FA") for w in result["warnings"])  # FA varies
+    assert "ranking carries no evidence" in caplog.text
+    assert reliability(runs_from_rows(SMALL), trials=2)["warnings"] == []

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import logging
 import math
 import warnings
 from contextlib import contextmanager
@@ -26,8 +27,10 @@ from typing import Any, Literal
 import numpy as np
 from scipy import stats
 
-from optlab.core.config import configurable, option, require, require_positive
+from optlab.core.config import configurable, option, require
 from optlab.errors import OptlabError
+
+log = logging.getLogger("optlab")
 
 METRICS = ("FA", "RA", "MIA", "AD", "JS")
 COLUMNS = ("run_id", "dataset", "seed", "method", *METRICS, "distance")
@@ -282,6 +285,25 @@ def stability(
             "trials": trials, "seed": seed}  # fmt: skip
 
 
+def degenerate_columns(table: RunTable) -> list[str]:
+    """Columns whose values cannot rank anything (constant, or all missing), each with what
+    it does to the result: the numbers stay defined but would mislead without the note."""
+    notes = []
+    for column in (*METRICS, "distance"):
+        values = table.values[column][np.isfinite(table.values[column])]
+        if len(values) and not np.all(values == values[0]):
+            continue
+        state = "has no values" if not len(values) else f"is constant ({values[0]:g})"
+        if column == "distance":
+            notes.append(f"column distance {state}: every reliability rho is undefined, so "
+                         "the UQS weights are all equal and the ranking carries no evidence "
+                         "of which metric is reliable")  # fmt: skip
+        else:
+            notes.append(f"column {column} {state}: its rank correlations are undefined and "
+                         "its UQS weight falls to the floor")  # fmt: skip
+    return notes
+
+
 def reliability(
     table: RunTable,
     *,
@@ -292,9 +314,13 @@ def reliability(
     """All six steps as plain data (every float a Python float, undefined values null)."""
     if trials < 0:
         raise OptlabError(f"--trials must be 0 or more, got {trials}")
+    cautions = degenerate_columns(table)
+    for caution in cautions:
+        log.warning("%s", caution)
     w = derive_weights(table, weights, seed)
     ranked = uqs_table(table, w)
     return {
+        "warnings": cautions,
         "runs": len(table),
         "methods": table.methods,
         "groups": len(table.groups()),
@@ -380,7 +406,8 @@ class ReliabilityConfig:
     def __post_init__(self) -> None:
         require(self.weights in ("full", "cv"), f"weights must be full or cv, got "
                 f"{self.weights!r}")  # fmt: skip
-        require_positive(self, "trials")
+        require(isinstance(self.trials, int) and self.trials >= 0,
+                f"--trials must be 0 or more, got {self.trials!r}")  # fmt: skip
 
 
 def save_reliability(run_dir: Path, result: dict[str, Any], runs_csv: str | Path) -> None:
