@@ -3,7 +3,7 @@ import torch
 from optlab.core.anatomy import Anatomy, weight_matrix
 from optlab.core.layerwise import run_layerwise
 from optlab.core.models import load_model
-from optlab.core.stats import Hessian, InputNorms, record_inputs
+from optlab.core.stats import Hessian, InputNorms, record_inputs, sweep_start
 from tests.conftest import random_ids
 
 
@@ -71,3 +71,19 @@ def test_linears_fed_the_same_input_share_one_statistic() -> None:
         rows = torch.cat([x.reshape(-1, x.shape[-1]) for x in captured[name]])
         assert stat.tokens == rows.shape[0] == 26
         torch.testing.assert_close(stat.matrix, 2 / 26 * rows.T @ rows)
+
+
+def test_sweep_start_zeroes_dead_columns_and_leaves_its_arguments_alone() -> None:
+    """An input that was always zero: its column is zeroed and H stays invertible."""
+    x = torch.randn(40, 6, generator=torch.Generator().manual_seed(0))
+    x[:, 2] = 0
+    hessian = Hessian(6)
+    hessian.add_batch(x)
+    weight = torch.randn(4, 6, dtype=torch.bfloat16)
+    H, W0 = hessian.matrix.clone(), weight.clone()
+    W, Hinv = sweep_start(weight, hessian.matrix, 0.01)
+    assert W.dtype == Hinv.dtype == torch.float32
+    live = [0, 1, 3, 4, 5]
+    assert (W[:, 2] == 0).all() and torch.equal(W[:, live], W0.float()[:, live])
+    assert torch.isfinite(Hinv).all() and torch.equal(Hinv, Hinv.triu())
+    assert torch.equal(hessian.matrix, H) and torch.equal(weight, W0)

@@ -5,11 +5,11 @@ from optlab.core.anatomy import weight_matrix
 from optlab.core.calibration import Calibration
 from optlab.core.config import METHODS
 from optlab.core.models import load_model
-from optlab.core.stats import Hessian, InputNorms
+from optlab.core.stats import Hessian, InputNorms, inverse_hessian_factor
 from optlab.errors import OptlabError
 from optlab.prune.masks import Pattern, check_nm, keep_mask, pruned_linears, sparsity_report
 from optlab.prune.pruner import MagnitudeConfig, SparseGPTConfig, WandaConfig, prune
-from optlab.prune.sparsegpt import inverse_hessian_factor, sparsegpt_prune
+from optlab.prune.sparsegpt import sparsegpt_prune
 
 ROWS, COLS, TOKENS = 16, 64, 512
 

@@ -1,13 +1,13 @@
 """GPTQ (Frantar et al., 2023): quantize a layer column by column and push each column's
 rounding error onto the columns not yet quantized, weighted by the inverse Hessian of the
-layer's inputs. Same sweep as SparseGPT (it shares :func:`inverse_hessian_factor`), with
-"prune" replaced by "round to the grid"."""
+layer's inputs. Same sweep as SparseGPT (both start from :func:`optlab.core.stats.sweep_start`),
+with "prune" replaced by "round to the grid"."""
 
 from __future__ import annotations
 
 import torch
 
-from optlab.prune.sparsegpt import inverse_hessian_factor
+from optlab.core.stats import sweep_start
 from optlab.quant.quantizer import (
     QuantizedWeight,
     check_bits,
@@ -35,14 +35,9 @@ def gptq_quantize(
     >>> qw = gptq_quantize(weight, stats.matrix, bits=4)   # stats: a core.stats.Hessian
     """
     check_bits(bits)
-    W = weight.detach().float().contiguous().clone()
-    H = hessian.detach().clone().float()
+    W, Hinv = sweep_start(weight, hessian, damp)
     rows, cols = W.shape
     size = resolve_group_size(group_size, cols)
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    Hinv = inverse_hessian_factor(H, damp)
 
     groups = -(-cols // size)
     codes = torch.empty(rows, cols, dtype=torch.uint8, device=W.device)
