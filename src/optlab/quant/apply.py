@@ -16,17 +16,12 @@ from torch import nn
 
 from optlab.core.anatomy import Anatomy, weight_matrix
 from optlab.core.layerwise import BlockContext, run_layerwise
+from optlab.core.modules import replace_module
 from optlab.core.stats import Hessian, record_inputs
 from optlab.quant.embedding import QuantEmbedding
 from optlab.quant.gptq import gptq_quantize
 from optlab.quant.linear import QuantLinear
 from optlab.quant.quantizer import QuantizedWeight, quantize_rtn
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` at dotted ``name`` (in its real parent, not on the root)."""
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 def to_quant_linear(module: nn.Module, qw: QuantizedWeight) -> QuantLinear:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from optlab.core.modules import replace_module
 from optlab.quant.linear import QuantLinear
 from optlab.quant.packing import packed_row_bytes, unpack
 from optlab.quant.quantizer import dequantize, quantize_rtn
@@ -54,25 +55,20 @@ def _name_of(model: nn.Module, target: nn.Module) -> str:
     return next(name for name, module in model.named_modules() if module is target)
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 def empty_embeddings(model: nn.Module, info: dict[str, Any]) -> None:
     """Swap in empty packed embedding / head modules described by ``info`` (for loading)."""
     old = model.get_submodule(info["input"])
     num, dim = old.weight.shape
     embed = QuantEmbedding(num, dim, info["bits"], info["group_size"],
                            getattr(old, "embed_scale", None))  # fmt: skip
-    _replace(model, info["input"], embed)
+    replace_module(model, info["input"], embed)
     if info["output"] is not None:
         head = model.get_submodule(info["output"])
         layer = QuantLinear(dim, num, info["bits"], info["group_size"], head.bias is not None)
         if info["tied"]:
             for key in ("packed", "scales", "zeros"):
                 setattr(layer, key, getattr(embed, key))
-        _replace(model, info["output"], layer)
+        replace_module(model, info["output"], layer)
 
 
 @torch.no_grad()

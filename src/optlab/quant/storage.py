@@ -23,9 +23,9 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from optlab.core.anatomy import weight_matrix
+from optlab.core.modules import replace_module
 from optlab.core.run import atomic_write
 from optlab.errors import OptlabError
-from optlab.quant.apply import replace_module
 from optlab.quant.embedding import QuantEmbedding, empty_embeddings
 from optlab.quant.linear import QuantLinear
 
