@@ -10,7 +10,7 @@ from optlab.core.anatomy import Anatomy, weight_matrix
 from optlab.core.models import load_model
 from optlab.errors import OptlabError
 from optlab.prune.masks import masks_of, sparsity_report
-from optlab.retrain.lora import LoraLinear, adapters_of, add_adapters, merge_adapters
+from optlab.retrain.lora import adapters_of, add_adapters, make_adapter, merge_adapters
 from tests.conftest import random_ids
 from tests.retrain.conftest import is_2_4, prune_2_4, prune_rows
 
@@ -81,7 +81,7 @@ def test_lora_prune_merges_the_masked_update_not_what_it_trained() -> None:
     with torch.no_grad():
         linear.weight[:, ::2] = 0
     weight = linear.weight.detach().clone()
-    adapter = LoraLinear(linear, "prune", rank=4, alpha=8.0)
+    adapter = make_adapter(linear, "prune", rank=4, alpha=8.0)
     nn.init.normal_(adapter.lora_B)
     x = torch.randn(3, 16)
     with torch.no_grad():
@@ -120,7 +120,7 @@ def test_maskl_forward_is_w_plus_scaled_masked_ba(kind) -> None:
     prune_weight = weight_matrix(base)
     prune_weight[torch.rand(prune_weight.shape) < 0.5] = 0
     weight = prune_weight.clone()  # (out, in) whatever the storage layout
-    adapter = LoraLinear(base, "maskl", rank=3, alpha=6.0)
+    adapter = make_adapter(base, "maskl", rank=3, alpha=6.0)
     nn.init.normal_(adapter.lora_B)
     x = torch.randn(2, 5, 12)
     expected = x @ (weight + 2.0 * (adapter.lora_B @ adapter.lora_A) * (weight != 0)).T + base.bias
@@ -155,7 +155,7 @@ def test_bad_variants_and_double_wrapping_are_refused() -> None:
     with pytest.raises(OptlabError, match="Did you mean 'maskl'"):
         add_adapters(model, "mask")
     with pytest.raises(OptlabError, match="dropout"):
-        LoraLinear(nn.Linear(4, 4), "scalel", rank=2, dropout=0.1)
+        make_adapter(nn.Linear(4, 4), "scalel", rank=2, dropout=0.1)
     add_adapters(model, "maskl", rank=2)
     with pytest.raises(OptlabError, match="already has LoRA adapters"):
         add_adapters(model, "maskl", rank=2)
@@ -166,7 +166,7 @@ def test_maskl_dropout_drops_only_the_adapter_input() -> None:
     with torch.no_grad():
         base.weight[:, 1::2] = 0
     weight = base.weight.detach().clone()
-    adapter = LoraLinear(base, "maskl", rank=2, alpha=4.0, dropout=0.5)
+    adapter = make_adapter(base, "maskl", rank=2, alpha=4.0, dropout=0.5)
     nn.init.normal_(adapter.lora_B)
     delta = 2.0 * (adapter.lora_B @ adapter.lora_A) * (weight != 0)
     x = torch.randn(3, 8)

@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 
+from optlab.core.lora import adapters_of
 from optlab.core.models import load_model
 from optlab.errors import OptlabError
 from optlab.eval.scorer import Scorer
-from optlab.retrain.lora import adapters_of
 from optlab.unlearn.data import Example
 from optlab.unlearn.metrics import qa_accuracy
 from optlab.unlearn.scenarios import facts_scenario, known_facts

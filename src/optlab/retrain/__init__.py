@@ -4,7 +4,14 @@
 >>> metrics = retrain(lm, PerpConfig(params=("bias", "norm", "lora"), lora="maskl"))
 """
 
-from optlab.retrain.lora import VARIANTS, LoraLinear, adapters_of, add_adapters, merge_adapters
+from optlab.retrain.lora import (
+    VARIANTS,
+    LoraLinear,
+    adapters_of,
+    add_adapters,
+    make_adapter,
+    merge_adapters,
+)
 from optlab.retrain.perp import (
     METHODS,
     PARAM_SETS,
@@ -24,6 +31,7 @@ __all__ = [
     "PerpConfig",
     "adapters_of",
     "add_adapters",
+    "make_adapter",
     "masks_of",
     "merge_adapters",
     "retrain",

@@ -24,7 +24,9 @@ import torch
 from torch import nn
 
 from optlab.core.anatomy import Anatomy
+from optlab.core.lora import LoraLinear, adapters_of, merge_adapters
 from optlab.core.models import LoadedModel
+from optlab.core.modules import replace_module
 from optlab.core.train import (
     TrainConfig,
     dropout_active,
@@ -34,7 +36,6 @@ from optlab.core.train import (
     train_loop,
 )
 from optlab.errors import OptlabError, did_you_mean
-from optlab.retrain.lora import LoraLinear, adapters_of, merge_adapters
 from optlab.unlearn.data import Batch, Example, encode
 from optlab.unlearn.losses import LOSSES, NEEDS_REFERENCE, LossInputs
 
@@ -120,8 +121,7 @@ def trained_names(model: nn.Module, lora: bool) -> list[str]:
 def add_qv_adapters(model: nn.Module, rank: int, alpha: float) -> list[str]:
     """Plain LoRA on every query / value projection; returns the adapted weights' names."""
     for name, linear in _qv_projections(model).items():
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, LoraLinear(linear, "plain", rank, alpha))
+        replace_module(model, name, LoraLinear(linear, rank, alpha))
     return [f"{name}.weight" for name in adapters_of(model)]  # their names once merged
 
 
