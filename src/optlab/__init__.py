@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from optlab import plugins as _plugins  # noqa: F401  (lets core find quant's and unlearn's entries)
+
 __version__ = "0.1.0"
 
 

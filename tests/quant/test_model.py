@@ -78,3 +78,41 @@ def test_packed_embeddings_and_head_reload_identically(tiny, tmp_path) -> None:
     save_quantized(tiny, tmp_path / "model", bitmap, 32, embeddings=info)
     reloaded = load_model(str(tmp_path / "model"))
     assert torch.equal(reloaded.model(ids).logits, expected)
+
+
+# A process that imports only core: the quantized loader must come in through core's hook.
+_RELOAD = """
+import sys, torch
+from optlab.core.models import load_model
+lm = load_model(sys.argv[1])
+packed = sorted(n for n, m in lm.model.named_modules() if type(m).__name__ == "QuantLinear")
+print(",".join(packed))
+torch.save(lm.model(torch.load(sys.argv[2])).logits, sys.argv[3])
+"""
+
+
+def test_a_quantize_run_reloads_in_a_fresh_process(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from optlab.api import quantize
+    from optlab.core.calibration import Calibration
+    from optlab.quant.quantize import RTNConfig, UniformConfig
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(f"sentence {i} about packed weights." for i in range(200)))
+    lm = load_model("tiny:llama")
+    quantize(lm, UniformConfig(uniform=4), quantizer=RTNConfig(group_size=32),
+             calib=Calibration(corpus=str(calib), n=4, seq_len=32, batch_size=4),
+             out=tmp_path / "run", progress=False)  # fmt: skip
+    ids = random_ids(2, 16)
+    torch.save(ids, tmp_path / "ids.pt")
+    done = subprocess.run(
+        [sys.executable, "-c", _RELOAD, str(tmp_path / "run"), str(tmp_path / "ids.pt"),
+         str(tmp_path / "logits.pt")],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    packed = {n for n, m in lm.model.named_modules() if isinstance(m, QuantLinear)}
+    assert packed and done.stdout.split()[-1].split(",") == sorted(packed)
+    assert torch.equal(torch.load(tmp_path / "logits.pt"), lm.model(ids).logits)

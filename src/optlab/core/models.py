@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from optlab.core import hooks
 from optlab.errors import OptlabError, did_you_mean
 
 log = logging.getLogger("optlab")
@@ -142,6 +144,31 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+# Local folders that from_pretrained cannot read (optlab.quant's packed weights) are loaded by
+# the package that writes them; it registers here when imported (see optlab.core.hooks).
+FolderLoader = Callable[[str, torch.dtype], tuple[nn.Module, Any]]
+_LOADERS: list[tuple[str | Callable[[Path], bool], FolderLoader]] = []
+
+
+def register_loader(matches: str | Callable[[Path], bool], load: FolderLoader) -> None:
+    """Have :func:`load_model` call ``load(folder, dtype) -> (model, tokenizer)`` for a local
+    model folder that ``matches``: a marker file name (the folder holds that file) or a
+    predicate on the folder. The first registered match wins; registering again is a no-op.
+
+    >>> register_loader("quantization.json", load_quantized)
+    """
+    if (matches, load) not in _LOADERS:
+        _LOADERS.append((matches, load))
+
+
+def _registered_loader(folder: Path) -> FolderLoader | None:
+    hooks.import_plugins(hooks.MODEL_LOADERS)
+    for matches, load in _LOADERS:
+        if (folder / matches).is_file() if isinstance(matches, str) else matches(folder):
+            return load
+    return None
+
+
 def load_model(
     spec: str = "default",
     *,
@@ -180,12 +207,11 @@ def load_model(
         model, tokenizer = _random(spec.removeprefix("tiny:"), TINY_SHAPES, seed, torch_dtype)
     else:
         source = _local_or_hub(spec)
-        if (Path(source) / "quantization.json").is_file():  # packed weights: optlab.quant
-            if placement is not None:
+        load = _registered_loader(Path(source)) if Path(source).is_dir() else None
+        if load is not None:
+            if placement is not None:  # registered formats (optlab.quant's packed weights)
                 raise OptlabError("device_map is not supported for quantized models")
-            from optlab.quant.storage import load_quantized
-
-            model, tokenizer = load_quantized(source, torch_dtype)
+            model, tokenizer = load(source, torch_dtype)
         else:
             model, tokenizer = _from_folder(source, torch_dtype, offline=not Path(source).is_dir(),
                                             placement=placement)  # fmt: skip
