@@ -52,3 +52,45 @@ def test_bad_task_files(tmp_path) -> None:
     bad.write_text('{"context": "x", "choices": ["a"], "gold": 3}\n')
     with pytest.raises(OptlabError, match=r"bad\.jsonl:1: gold 3"):
         get_task(f"mc:{bad}")(None)
+
+
+def test_prefix_tasks_come_from_their_packages_and_typos_still_get_suggestions(
+    monkeypatch,
+) -> None:
+    from optlab.core.config import Registry
+    from optlab.eval import tasks
+
+    monkeypatch.setattr(tasks, "PREFIXES", Registry("task prefix"))
+    seen = []
+
+    @tasks.register_prefix("probe")
+    def probe(arg: str):
+        seen.append(arg)
+        return lambda scorer, **_: {"arg": arg}
+
+    assert get_task("probe:a:b")(None) == {"arg": "a:b"} and seen == ["a:b"]
+    with pytest.raises(OptlabError, match="Did you mean 'mc:analogy'"):
+        get_task("mc:analogi")
+    with pytest.raises(ValueError, match="registered twice"):
+        tasks.register_prefix("probe")(probe)
+
+
+def test_unlearn_prefix_is_found_from_a_fresh_process(tmp_path) -> None:
+    """eval imports nothing from unlearn: unlearn:RUN arrives through the plugin list."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from optlab.eval.tasks import get_task\n"
+        "from optlab.errors import OptlabError\n"
+        "assert 'optlab.unlearn' not in sys.modules\n"
+        "try:\n"
+        "    get_task('unlearn:' + sys.argv[1])\n"
+        "except OptlabError as err:\n"
+        "    print(err)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True,
+                          text=True, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "give an optlab unlearn run" in done.stdout

@@ -1,5 +1,6 @@
-"""Named evaluation tasks: ``ppl:<corpus>`` and ``mc:<task>`` (plus local files), and
-``unlearn:RUN`` (the unlearning metric suite on the data sets of an unlearning run).
+"""Named evaluation tasks: ``ppl:<corpus>`` and ``mc:<task>`` (plus local files), and tasks
+other packages register by prefix (``unlearn:RUN``, the unlearning metric suite on the data
+sets of an unlearning run, is :mod:`optlab.unlearn`'s).
 
 A task takes a :class:`Scorer` and returns flat metrics. ``ppl:wiki`` scores the held-out
 Wikipedia part; ``ppl:FILE.txt`` any local text; ``mc:sentiment`` and ``mc:analogy`` are
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from optlab.core import data
+from optlab.core import data, hooks
 from optlab.core.config import Registry, configurable, option, require_positive
 from optlab.errors import OptlabError
 from optlab.eval.perplexity import perplexity
@@ -23,6 +24,19 @@ from optlab.eval.scorer import Scorer
 
 Task = Callable[..., dict[str, Any]]
 TASKS: Registry[Task] = Registry("task")
+# ``PREFIX:ARG`` tasks: the factory turns ARG into the task (or raises an OptlabError).
+TaskFactory = Callable[[str], Task]
+PREFIXES: Registry[TaskFactory] = Registry("task prefix")
+
+
+def register_prefix(prefix: str) -> Callable[[TaskFactory], TaskFactory]:
+    """Register the tasks named ``prefix:ARG``; the packages that define them call this when
+    imported (named in :mod:`optlab.plugins`, so a fresh process finds them).
+
+    >>> @register_prefix("unlearn")
+    ... def unlearn_task(run: str) -> Task: ...
+    """
+    return PREFIXES.register(prefix)
 
 
 @dataclass(frozen=True)
@@ -123,36 +137,14 @@ def _choice_file(path: Path) -> Task:
     return task
 
 
-def _unlearn_task(folder: Path) -> Task:
-    """The unlearning metric suite (without the oracle's) on the forget / retain / holdout
-    sets an ``optlab unlearn`` run saved, for any model: ``unlearn:RUN``."""
-
-    def task(scorer: Scorer, *, limit: int | None = None, seq_len: int | None = None,
-             **_: Any) -> dict:  # fmt: skip
-        from optlab.core.models import LoadedModel
-        from optlab.unlearn.data import load_examples
-        from optlab.unlearn.metrics import EvalConfig, evaluate_model
-
-        sets = []
-        for part in ("forget", "retain", "holdout"):  # an empty set is saved as an empty file
-            path = folder / f"{part}.jsonl"
-            sets.append(load_examples(path) if path.read_text(encoding="utf-8").strip() else [])
-        lm = LoadedModel(scorer.model, scorer.tokenizer, str(folder))
-        config = EvalConfig(samples=limit or 100, ppl_seq_len=seq_len or 512)
-        return evaluate_model(lm, *sets, config)
-
-    return task
-
-
 def get_task(name: str) -> Task:
-    """A registered task, ``ppl:``/``mc:`` applied to a local file, or ``unlearn:RUN``."""
+    """A registered task, ``ppl:``/``mc:`` applied to a local file, or a prefix task such as
+    ``unlearn:RUN``."""
     kind, _, target = name.partition(":")
-    if kind == "unlearn":
-        folder = Path(target).expanduser()
-        if not (folder / "forget.jsonl").is_file():
-            raise OptlabError(f"task {name!r}: give an optlab unlearn run, as unlearn:RUN "
-                              "(it holds forget.jsonl, retain.jsonl, holdout.jsonl)")  # fmt: skip
-        return _unlearn_task(folder)
+    if name not in TASKS:  # perhaps a prefix of a package this process has not imported yet
+        hooks.import_plugins(hooks.EVAL_TASKS)
+    if kind in PREFIXES:
+        return PREFIXES.get(kind)(target)
     if name not in TASKS and kind in ("ppl", "mc") and ("/" in target or "." in target):
         path = Path(target).expanduser()
         if not path.is_file():

@@ -9,6 +9,7 @@ from optlab.unlearn.data import Example, encode, load_examples
 from optlab.unlearn.harm import HarmClassifier
 from optlab.unlearn.losses import LOSSES, METHODS
 from optlab.unlearn.metrics import EvalConfig, evaluate_model
+from optlab.unlearn.tasks import unlearn_task  # registers unlearn:RUN with eval
 from optlab.unlearn.trainer import UnlearnConfig, UnlearnResult, unlearn
 
 __all__ = [
@@ -23,4 +24,5 @@ __all__ = [
     "evaluate_model",
     "load_examples",
     "unlearn",
+    "unlearn_task",
 ]
