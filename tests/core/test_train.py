@@ -16,3 +16,25 @@ def test_the_accelerator_follows_the_models_device(monkeypatch, device, cpu) -> 
     monkeypatch.setattr(accelerate, "Accelerator", lambda **kwargs: seen.update(kwargs))
     make_accelerator(3, torch.device(device) if device else None)
     assert seen == {"gradient_accumulation_steps": 3, "cpu": cpu}
+
+
+@pytest.mark.parametrize("train_mode", [True, False])
+def test_train_mode_false_trains_without_dropout_and_restores_the_mode(train_mode) -> None:
+    from torch import nn
+
+    from optlab.core.train import TrainConfig, train_loop
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)).eval()
+    x = torch.ones(8, 4)
+    modes = []
+
+    def micro_loss(wrapped: nn.Module, step: int, micro: int) -> torch.Tensor:
+        modes.append(wrapped.training)
+        return wrapped(x).square().mean()
+
+    result = train_loop(make_accelerator(2, torch.device("cpu")), model, micro_loss,
+                        TrainConfig(steps=3, lr=1e-2, grad_accum=2), progress=False,
+                        train_mode=train_mode)  # fmt: skip
+    assert modes == [train_mode] * 6 and result["optimizer_steps"] == 3
+    assert not model.training  # back in the mode it came in

@@ -1,6 +1,7 @@
 """One training loop on HF Accelerate for every method that fine-tunes a model.
 
-PERP retraining and unlearning differ only in their loss; the loop (AdamW, a linear schedule
+PERP retraining (whole-model and block by block) and unlearning differ only in their loss
+and what they train; the loop (AdamW, a linear schedule
 stepped once per optimizer step, gradient accumulation, a finite-loss guard, an exact step
 budget, a progress bar) is written once here. ``accelerate launch`` runs it on several GPUs.
 
@@ -158,6 +159,7 @@ def train_loop(
     dtype: torch.dtype = torch.float32,
     after_step: Callable[[int, float], bool | None] | None = None,
     progress: bool = True,
+    train_mode: bool = True,
 ) -> dict[str, Any]:
     """Train the parameters of ``model`` with ``requires_grad`` for exactly ``config.steps``
     optimizer steps (fewer only if ``after_step(step, mean_loss)`` returns True: an early
@@ -166,6 +168,7 @@ def train_loop(
 
     ``micro_loss`` draws its own data from (step, micro): every process should draw the same
     global micro-batch and compute on its :func:`local_rows` (see :func:`shard_loss`).
+    ``train_mode=False`` trains in eval mode (no dropout), for regressions onto fixed targets.
     """
     home = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
@@ -179,7 +182,7 @@ def train_loop(
     losses: list[float] = []
     stopped_early = False
     was_training = model.training
-    wrapped.train()  # dropout on, as HF Trainer does
+    wrapped.train(train_mode)  # dropout on by default, as HF Trainer does
     bar = tqdm(total=config.steps, desc=config.desc, leave=False,
                disable=not progress or not accelerator.is_local_main_process)  # fmt: skip
     try:

@@ -45,7 +45,6 @@ from optlab.core.train import (
     autocast,
     check_finite,
     dropout_active,
-    linear_schedule,
     local_rows,
     make_accelerator,
     shard_loss,
@@ -312,6 +311,7 @@ def _reconstruct(
     dense_blocks = Anatomy.of(dense).blocks
     if len(dense_blocks) != len(Anatomy.of(model).blocks):
         raise OptlabError("the dense model has a different number of blocks than the pruned one")
+    accelerator = make_accelerator(config.grad_accum, next(model.parameters()).device)
     losses: list[float] = []
     block_mse: list[dict[str, float]] = []
 
@@ -331,22 +331,20 @@ def _reconstruct(
         n = len(ctx.inputs)
         with torch.no_grad():
             before = sum(mse(ctx.block, ctx, targets, b).item() for b in range(n)) / n
-        params = [p for p in ctx.block.parameters() if p.requires_grad]
-        if params:
-            optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-            scheduler = linear_schedule(optimizer, config.steps, config.warmup)
-            for step in range(1, config.steps + 1):
-                total = 0.0
-                for micro in range(config.grad_accum):
-                    b = ((step - 1) * config.grad_accum + micro) % n  # cycle over the batches
-                    loss = mse(ctx.block, ctx, targets, b)
-                    check_finite(loss, f"block {ctx.index} step {step}")
-                    (loss / config.grad_accum).backward()
-                    total += loss.item()
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(total / config.grad_accum)
+        if any(p.requires_grad for p in ctx.block.parameters()):
+
+            def micro_loss(block: nn.Module, step: int, micro: int) -> torch.Tensor:
+                b = ((step - 1) * config.grad_accum + micro) % n  # cycle over the batches
+                loss = mse(block, ctx, targets, b)
+                check_finite(loss, f"block {ctx.index} step {step}")
+                return loss
+
+            train = TrainConfig(steps=config.steps, lr=config.lr, grad_accum=config.grad_accum,
+                                warmup=config.warmup, desc=f"block {ctx.index}")  # fmt: skip
+            # Autocast is mse's own (around the block only), so the loop runs in fp32.
+            result = train_loop(accelerator, ctx.block, micro_loss, train, progress=False,
+                                train_mode=False)  # fmt: skip
+            losses.extend(result["losses"])
         with torch.no_grad():
             after = sum(mse(ctx.block, ctx, targets, b).item() for b in range(n)) / n
         block_mse.append({"block": ctx.index, "before": before, "after": after})
