@@ -458,8 +458,6 @@ def rerun(
     >>> again["sparsity"] == first["sparsity"], again.run.name
     (True, 'm50-again')
     """
-    import optlab.commands  # noqa: F401  (registers the commands a config.yaml may name)
-
     return run_job(load_job(run), out, force=force, progress=progress)
 
 

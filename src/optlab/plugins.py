@@ -17,6 +17,7 @@ from optlab.core import hooks
 PLUGINS: dict[str, tuple[str, ...]] = {
     hooks.MODEL_LOADERS: ("optlab.quant",),
     hooks.EVAL_TASKS: ("optlab.unlearn",),
+    hooks.COMMANDS: ("optlab.commands",),
 }
 
 

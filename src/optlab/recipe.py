@@ -28,7 +28,7 @@ import yaml
 
 import optlab.commands  # noqa: F401  (registers the commands a recipe may name)
 from optlab.audit.plots import bars
-from optlab.core.job import COMMANDS, Job, load_job, run_job
+from optlab.core.job import Job, get_command, load_job, run_job
 from optlab.core.run import atomic_write
 from optlab.errors import OptlabError
 
@@ -81,7 +81,7 @@ def resolve_steps(recipe: Mapping[str, Any], out: Path) -> list[tuple[str, Job]]
     for step in recipe["steps"]:
         name = str(step["name"])
         data = {**defaults, **{k: v for k, v in step.items() if k != "name"}}
-        command = COMMANDS.get(str(data["command"]))
+        command = get_command(str(data["command"]))
         for item in command.inputs:  # an input naming an earlier step is that step's run
             if any(data.get(item.name) == earlier for earlier, _ in jobs):
                 data[item.name] = str(out / str(data[item.name]))

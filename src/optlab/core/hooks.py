@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 MODEL_LOADERS = "model_loaders"
 EVAL_TASKS = "eval_tasks"
+COMMANDS = "commands"  # core.job's command table: what a config.yaml or a recipe may name
 
 _importer: Callable[[str], None] | None = None
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from optlab.core import hooks
 from optlab.core.config import METHODS, Registry, config_from_dict, config_to_dict
 from optlab.core.run import check_target
 from optlab.errors import OptlabError
@@ -101,6 +102,12 @@ def register_command(command: Command) -> Command:
     return command
 
 
+def get_command(name: str) -> Command:
+    """A registered command; the packages that register commands are imported first."""
+    hooks.import_plugins(hooks.COMMANDS)
+    return COMMANDS.get(name)
+
+
 @dataclass(frozen=True)
 class Job:
     """One command's complete, replayable description (what ``config.yaml`` holds)."""
@@ -129,7 +136,7 @@ class Job:
         """Rebuild a job; sections may be partial (a recipe step's), the rest from defaults."""
         if not isinstance(data, Mapping) or "command" not in data:
             raise OptlabError(f"{source} names no command (a 'command:' key)")
-        command = COMMANDS.get(str(data["command"]))
+        command = get_command(str(data["command"]))
         inputs = {i.name: data.get(i.name) for i in command.inputs}
         missing = [i.metavar for i in command.inputs if inputs[i.name] is None]
         if missing:
@@ -178,7 +185,7 @@ def run_job(
     job: Job, out: str | Path | None = None, *, force: bool = False, progress: bool = True
 ) -> Result:
     """Run a job: the output path is checked before anything is loaded."""
-    command = COMMANDS.get(job.command)
+    command = get_command(job.command)
     if out is not None and command.out != "file":  # a file output checks its own target
         check_target(out, force)
     elif command.out == "required":
