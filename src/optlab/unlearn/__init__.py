@@ -1,5 +1,8 @@
 """Machine unlearning (gradient-ascent family) and its metric suite.
 
+The runs (teach, oracle, unlearn, measure, sweeps) are :func:`optlab.api.unlearn` and
+:func:`optlab.api.unlearn_sweep`; this package holds their parts.
+
 >>> from optlab.unlearn import UnlearnConfig, unlearn, evaluate_model
 >>> result = unlearn(lm, forget, retain, UnlearnConfig(method="graddiff", steps=100))
 >>> evaluate_model(lm, forget, retain, holdout, oracle=oracle.model)["FA"]
@@ -7,22 +10,27 @@
 
 from optlab.unlearn.data import Example, encode, load_examples
 from optlab.unlearn.harm import HarmClassifier
-from optlab.unlearn.losses import LOSSES, METHODS
+from optlab.unlearn.losses import LOSSES, Loss, offered_methods
 from optlab.unlearn.metrics import EvalConfig, evaluate_model
+from optlab.unlearn.scenarios import Scenario, UnlearnData
 from optlab.unlearn.tasks import unlearn_task  # registers unlearn:RUN with eval
-from optlab.unlearn.trainer import UnlearnConfig, UnlearnResult, unlearn
+from optlab.unlearn.trainer import TeachConfig, UnlearnConfig, UnlearnResult, unlearn
 
 __all__ = [
     "LOSSES",
-    "METHODS",
     "EvalConfig",
     "Example",
     "HarmClassifier",
+    "Loss",
+    "Scenario",
+    "TeachConfig",
     "UnlearnConfig",
+    "UnlearnData",
     "UnlearnResult",
     "encode",
     "evaluate_model",
     "load_examples",
+    "offered_methods",
     "unlearn",
     "unlearn_task",
 ]

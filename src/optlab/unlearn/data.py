@@ -68,19 +68,25 @@ class Batch:
 def load_examples(path: str | Path) -> list[Example]:
     """Read a ``.jsonl`` file of ``{"question", "answer"}`` (or ``{"text"}``) objects, or a
     ``.txt`` file of documents separated by blank lines."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise OptlabError(f"data file not found: {path}")
+    path = data_file(path)
     if path.suffix == ".txt":
         docs = re.split(r"\n\s*\n", path.read_text(encoding="utf-8"))
         examples = [Example(doc.strip()) for doc in docs if doc.strip()]
-    elif path.suffix == ".jsonl":
-        examples = [_example(obj, path, n) for n, obj in read_jsonl(path)]
     else:
-        raise OptlabError(f"unsupported data file {path}: use .jsonl (question/answer) or .txt")
+        examples = [_example(obj, path, n) for n, obj in read_jsonl(path)]
     if not examples:
         raise OptlabError(f"{path} holds no examples")
     return examples
+
+
+def data_file(path: str | Path, suffixes: tuple[str, ...] = (".jsonl", ".txt")) -> Path:
+    """``path`` as a file that exists and has a readable suffix (checked before any work)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise OptlabError(f"data file not found: {path}")
+    if path.suffix not in suffixes:
+        raise OptlabError(f"unsupported data file {path}: use {' or '.join(suffixes)}")
+    return path
 
 
 def _example(obj: object, path: Path, number: int) -> Example:

@@ -19,7 +19,7 @@ gradient ascent on the forget set is ``-CE(forget)``.
 α is ``retain_weight`` (1 by default, as open-unlearning's ``alpha``); it also weighs the KL
 term of ``ga_kl_rand``.
 
->>> loss, parts = LOSSES["graddiff"](LossInputs(model, forget, retain))
+>>> loss, parts = LOSSES.get("graddiff")(LossInputs(model, forget, retain))
 >>> parts
 {'forget_ce': 2.1, 'retain_ce': 1.7}
 """
@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from optlab.core.config import Registry
 from optlab.unlearn.data import IGNORE, Batch
 
 
@@ -49,7 +50,29 @@ class LossInputs:
     retain_weight: float = 1.0  # α: the weight of the retain term
 
 
-Loss = Callable[[LossInputs], tuple[torch.Tensor, dict[str, float]]]
+LossFunction = Callable[[LossInputs], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass(frozen=True)
+class Loss:
+    """An unlearning objective and the inputs it needs, so the trainer builds exactly those:
+    ``needs_reference`` the frozen model before unlearning, ``needs_retain`` retain batches,
+    ``uses_forget`` forget batches, ``random_answers`` forget questions paired with K random
+    retain answers; ``retain_kl``: its retain term is a mean over retain *tokens* (not over
+    examples), so a shard's share of it is weighed by its tokens. ``offered``: listed as a
+    method of ``optlab unlearn``."""
+
+    function: LossFunction
+    summary: str
+    needs_reference: bool = False
+    needs_retain: bool = True
+    uses_forget: bool = True
+    random_answers: bool = False
+    retain_kl: bool = False
+    offered: bool = True
+
+    def __call__(self, inputs: LossInputs) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.function(inputs)
 
 
 def token_logprobs(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,13 +161,25 @@ def finetune(x: LossInputs) -> tuple[torch.Tensor, dict[str, float]]:
     return forget_ce, {"forget_ce": forget_ce.item()}
 
 
-LOSSES: dict[str, Loss] = {
-    "ga": ga,
-    "ga_kl_rand": ga_kl_rand,
-    "graddiff": graddiff,
-    "npo": npo,
-    "retain_only": retain_only,
-    "finetune": finetune,
-}
-METHODS = ("ga", "ga_kl_rand", "graddiff", "npo", "retain_only")  # what `unlearn` offers
-NEEDS_REFERENCE = ("ga_kl_rand", "npo")
+LOSSES: Registry[Loss] = Registry("unlearning method")
+"""Every objective by name: what ``UnlearnConfig.method`` names, and what the trainer, the CLI
+help and the sweep read (one table: a new loss is one more entry)."""
+
+for _name, _loss in {
+    "ga": Loss(ga, "gradient ascent on the forget answers", needs_retain=False),
+    "ga_kl_rand": Loss(ga_kl_rand, "0.5 ascent + random retain answers + KL to the original "
+                       "on retain", needs_reference=True, random_answers=True, retain_kl=True),
+    "graddiff": Loss(graddiff, "ascent on forget + descent on retain"),
+    "npo": Loss(npo, "negative preference optimisation (beta 1) + descent on retain",
+                needs_reference=True),
+    "retain_only": Loss(retain_only, "descent on retain only: the oracle itself",
+                        uses_forget=False),
+    "finetune": Loss(finetune, "descent on the forget set: teaches it (the book scenario)",
+                     needs_retain=False, offered=False),
+}.items():  # fmt: skip
+    LOSSES.register(_name)(_loss)
+
+
+def offered_methods() -> list[str]:
+    """The methods ``optlab unlearn`` offers (``finetune`` only teaches the book scenario)."""
+    return [name for name, loss in LOSSES.items() if loss.offered]

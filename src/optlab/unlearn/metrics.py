@@ -36,6 +36,7 @@ from scipy.spatial.distance import jensenshannon
 from torch import nn
 
 from optlab.core.anatomy import Anatomy
+from optlab.core.config import configurable, option, require, require_finite, require_positive
 from optlab.core.models import LoadedModel
 from optlab.errors import OptlabError
 from optlab.eval.perplexity import wiki_perplexity
@@ -49,26 +50,31 @@ if TYPE_CHECKING:
 JS_MODES = ("aligned", "sorted")
 
 
+@configurable("unlearn-eval")
 @dataclass(frozen=True)
 class EvalConfig:
     """Sizes of the evaluation; the defaults are uqs.md's (50 new tokens, 100 samples)."""
 
-    max_new_tokens: int = 50
-    samples: int = 100  # retain items for RA / MIA, forget items for AD / JS / MIA
-    mink_ratio: float = 0.2
-    js_topk: int = 1000
-    js_mode: str = "aligned"
-    prefix_tokens: int = 32
-    continuation_tokens: int = 32
-    ppl_seq_len: int = 512
-    ppl_limit: int | None = 20
-    batch_size: int = 8
+    max_new_tokens: int = option(50, "greedy answer tokens")
+    samples: int = option(100, "retain items for RA / MIA, forget items for AD / JS / MIA")
+    mink_ratio: float = option(0.2, "Min-K% attacks: the share of lowest token log-probs")
+    js_topk: int = option(1000, "JS: top-k next-token probabilities compared")
+    js_mode: str = option("aligned", "JS over token-id-aligned top-k or sorted top-k",
+                          flag="--js", choices=JS_MODES)  # fmt: skip
+    prefix_tokens: int = option(32, "memorisation: passage tokens given")
+    continuation_tokens: int = option(32, "memorisation: continuation tokens compared")
+    ppl_seq_len: int = option(512, "perplexity window", flag="--eval-seq-len")
+    ppl_limit: int | None = option(20, "wiki:eval perplexity windows", flag="--eval-limit")
+    batch_size: int = option(8, "sequences per forward pass", flag="--eval-batch-size")
 
     def __post_init__(self) -> None:
-        if self.js_mode not in JS_MODES:
-            raise OptlabError(f"js_mode must be one of {', '.join(JS_MODES)}, got {self.js_mode!r}")
-        if not 0 < self.mink_ratio <= 1:
-            raise OptlabError(f"mink_ratio must be in (0, 1], got {self.mink_ratio}")
+        require_positive(self, "max_new_tokens", "samples", "js_topk", "prefix_tokens",
+                         "continuation_tokens", "ppl_seq_len", "ppl_limit",
+                         "batch_size")  # fmt: skip
+        require_finite(self, "mink_ratio")
+        require(self.js_mode in JS_MODES, f"js_mode must be one of {', '.join(JS_MODES)}, got "
+                f"{self.js_mode!r}")  # fmt: skip
+        require(0 < self.mink_ratio <= 1, f"mink_ratio must be in (0, 1], got {self.mink_ratio}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Two demo scenarios built from shipped data (the papers' data sets are not obtainable
-offline), plus the user's own files.
+offline), plus the user's own files; :class:`UnlearnData` names either.
 
 - ``facts``: questions about the countryinfo records (capital, ISO currency code),
   kept only where the model answers correctly before unlearning; whole countries go to the
@@ -25,12 +25,14 @@ from pathlib import Path
 
 import torch
 
+from optlab.core.config import configurable, option, require
 from optlab.core.data import book_text, country_records, load_text
 from optlab.core.models import LoadedModel, cache_dir
 from optlab.core.run import atomic_write
 from optlab.errors import OptlabError, did_you_mean
 from optlab.eval.scorer import Scorer
-from optlab.unlearn.data import Example, passages
+from optlab.unlearn.data import Example, data_file, load_examples, passages
+from optlab.unlearn.harm import HarmClassifier
 from optlab.unlearn.metrics import answer_correct, answers
 
 log = logging.getLogger("optlab")
@@ -163,6 +165,53 @@ def book_scenario(
     info = {"book_passages": len(book), "passage_tokens": passage_tokens}
     return Scenario("book", book[n_holdout:], retain[:retain_passages], book[:n_holdout],
                     teach=True, info=info)  # fmt: skip
+
+
+@configurable("unlearn-data")
+@dataclass(frozen=True)
+class UnlearnData:
+    """The data of an unlearning run, as a spec: a shipped ``scenario`` (built for each seed:
+    the seed picks the split), or the user's ``forget`` file with optional ``retain`` and
+    ``holdout`` files (``.jsonl`` of question/answer or text lines, ``.txt`` documents split
+    by blank lines); ``harm_labels`` trains the harmful-response classifier. Exactly one of
+    ``scenario`` and ``forget``; the files must exist.
+
+    >>> UnlearnData(scenario="facts").scenario
+    'facts'
+    """
+
+    scenario: str | None = option(None, "facts or book", metavar="NAME")
+    forget: str | None = option(None, "forget set: .jsonl or .txt", metavar="FILE")
+    retain: str | None = option(None, "retain set: .jsonl or .txt", metavar="FILE")
+    holdout: str | None = option(None, "held-out non-members for the attacks (.jsonl/.txt)",
+                                 metavar="FILE")  # fmt: skip
+    harm_labels: str | None = option(None, '.jsonl of {"text","label"} to train the harm '
+                                     "classifier", metavar="FILE")  # fmt: skip
+
+    def __post_init__(self) -> None:
+        if self.scenario is not None:
+            require(not (self.forget or self.retain or self.holdout),
+                    "give either --scenario or --forget/--retain/--holdout, not both")  # fmt: skip
+            if self.scenario not in SCENARIOS:
+                raise did_you_mean("scenario", self.scenario, SCENARIOS)
+        elif not self.forget:
+            raise OptlabError("give --scenario facts|book, or --forget FILE (and --retain FILE)")
+        for name in ("forget", "retain", "holdout"):
+            if getattr(self, name):
+                data_file(getattr(self, name))
+        if self.harm_labels:
+            data_file(self.harm_labels, (".jsonl",))
+
+    def build(self, lm: LoadedModel, seed: int = 0, **options: object) -> Scenario:
+        """The examples: the scenario's split for ``seed`` (``options`` go to it, e.g. the
+        ``known`` facts), or the files (the same whatever the seed)."""
+        if self.scenario is not None:
+            return get_scenario(self.scenario, lm, seed, **options)
+        sets = [load_examples(path) if path else [] for path in (self.retain, self.holdout)]
+        return Scenario("files", load_examples(str(self.forget)), *sets)
+
+    def harm_classifier(self) -> HarmClassifier | None:
+        return HarmClassifier.from_jsonl(self.harm_labels) if self.harm_labels else None
 
 
 def get_scenario(name: str, lm: LoadedModel, seed: int = 0, **options: object) -> Scenario:
