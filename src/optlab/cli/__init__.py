@@ -26,7 +26,27 @@ log = logging.getLogger("optlab")
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: ``optlab: error: prune: --n-calib: expected ...``."""
+    """argparse with one-line errors: ``optlab: error: prune: --n-calib: expected ...``.
+
+    A two-word command under a group (``audit skeb``) is a subcommand of the group's parser.
+    One whose first word is itself a command (``optlab unlearn sweep MODEL``) cannot be:
+    argparse cannot give one parser both a positional (``optlab unlearn MODEL``) and
+    subcommands. Such commands are subparsers named by both words, listed in ``nested``, and
+    the command line's two words are joined into that name before parsing, so ``unlearn``
+    keeps its MODEL and ``unlearn sweep`` has its own flags, help and errors. (A model folder
+    named ``sweep`` is given as ``./sweep``.)
+    """
+
+    nested: frozenset[str] = frozenset()
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        words = list(sys.argv[1:] if args is None else args)
+        first = next((i for i, word in enumerate(words) if not word.startswith("-")), None)
+        if first is not None and " ".join(words[first : first + 2]) in self.nested:
+            words[first : first + 2] = [" ".join(words[first : first + 2])]
+        return super().parse_known_args(words, namespace)
 
     def error(self, message: str) -> NoReturn:
         where = self.prog.removeprefix("optlab").strip()
@@ -55,16 +75,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     groups: dict[str, argparse._SubParsersAction] = {}
     for command in registered():
-        where = commands
-        if " " in command.name:  # "audit skeb": a subcommand of "audit"
-            group = command.name.split()[0]
+        where, name = commands, command.name
+        if " " in command.name and command.name.split()[0] in GROUPS:  # "audit skeb"
+            group, name = command.name.split()
             if group not in groups:
                 help_text, description = GROUPS[group]
                 parent = commands.add_parser(group, help=help_text, description=description)
                 groups[group] = parent.add_subparsers(dest=group, required=True,
                                                       metavar=group.upper())  # fmt: skip
             where = groups[group]
-        add_command(where, command, legacy.EPILOG_MODELS)
+        add_command(where, command, legacy.EPILOG_MODELS, name=name)
+    # "unlearn sweep": its first word is a command of its own (with a positional MODEL), so
+    # it cannot hold subcommands; Parser joins the two words into this subparser's name.
+    parser.nested = frozenset(c.name for c in registered() if " " in c.name and
+                              c.name.split()[0] not in GROUPS)  # fmt: skip
     legacy.add_commands(commands, make)
     runs.add_commands(commands)
     return parser

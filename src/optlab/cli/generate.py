@@ -48,7 +48,7 @@ def section_flags(section: Section) -> list[_Flag]:
 
 def _classes(section: Section) -> dict[str, type]:
     if section.family is None:
-        return {type(section.default).TYPE: type(section.default)}
+        return {section.config_class.TYPE: section.config_class}  # type: ignore[attr-defined]
     return {name: m.config for name, m in METHODS.methods(section.family).items()}
 
 
@@ -93,10 +93,16 @@ def _shown_default(section: Section, flag: _Flag) -> Any:
 
 
 def add_command(
-    subparsers: argparse._SubParsersAction, command: Command, epilog: str | None
+    subparsers: argparse._SubParsersAction,
+    command: Command,
+    epilog: str | None,
+    name: str | None = None,
 ) -> argparse.ArgumentParser:
-    """The subparser of ``command``, with ``_command`` set so main() knows what to run."""
-    name = command.name.split()[-1]
+    """The subparser of ``command``, with ``_command`` set so main() knows what to run. It is
+    called ``name`` (by default the command's last word: ``skeb`` under ``audit``); a
+    subparser named by both words (``unlearn sweep``) is reached through
+    :class:`optlab.cli.Parser`, which joins the command line's two words."""
+    name = name or command.name.split()[-1]
     description = command.description
     for section in command.sections:
         if section.family is not None:
@@ -151,7 +157,7 @@ def _add_flag(
     group: argparse._ArgumentGroup, section: Section, flag: _Flag, hint: Any, methods: int
 ) -> None:
     f, name = flag.field, _flag_name(flag.field)
-    help_text = f.metadata.get("help", "")
+    help_text = f.metadata.get("help", "").replace("%", "%%")  # plain text, not a % format
     default = _shown_default(section, flag)
     if methods > 1 and len(flag.owners) < methods:
         help_text = f"[{', '.join(flag.owners)}] {help_text}"
@@ -177,7 +183,7 @@ def _choice_dest(section: Section) -> str:
 def _chosen(section: Section, given: dict[str, Any]) -> type:
     """The config class the flags pick for a section."""
     if section.family is None:
-        return type(section.default)
+        return section.config_class
     if not section.by_flags:
         name = given.get(_choice_dest(section))
         return type(section.default) if name is None else METHODS.get(section.family, name).config

@@ -63,7 +63,9 @@ class Section:
     With ``family``, the section holds any method config registered under that name: the
     ``selector`` flag picks it (``shortcuts``: extra flags that pick one method), or, with
     ``by_flags``, the flag of a method's first field does (``--avg-bits 4.5``); a ``None``
-    default makes the choice required."""
+    default makes the choice required. A section of one config class that has no valid
+    default (unlearn's data: a scenario or a forget file) names it in ``config`` with a
+    ``None`` default: its flags then build it from the class, which validates them."""
 
     name: str
     default: Any
@@ -72,6 +74,12 @@ class Section:
     selector: str = "--method"
     shortcuts: tuple[tuple[str, str, str], ...] = ()  # (flag, method, help)
     by_flags: bool = False
+    config: type | None = None
+
+    @property
+    def config_class(self) -> type:
+        """The config class of a section without a family."""
+        return self.config if self.default is None and self.config else type(self.default)
 
 
 @dataclass(frozen=True)
@@ -168,13 +176,13 @@ def section_config(section: Section, data: Any, source: str = "config") -> Any:
     data = dict(data)
     tag = data.pop("type", None)
     default = section.default
-    if default is None and tag is None:
+    if default is None and tag is None and section.family is not None:
         choices = ", ".join(METHODS.methods(str(section.family)))
         raise OptlabError(f"{source}: {section.name} needs a type (one of {choices})")
     if section.family is not None:
         cls = METHODS.get(section.family, str(tag)).config if tag else type(default)
     else:
-        cls = type(default)
+        cls = section.config_class
         if tag is not None and tag != cls.TYPE:  # type: ignore[attr-defined]
             raise OptlabError(f"{source}: {section.name} must be a {cls.TYPE}, not {tag!r}")  # type: ignore[attr-defined]
     base = config_to_dict(default) if type(default) is cls else {"type": cls.TYPE}  # type: ignore[attr-defined]
