@@ -9,6 +9,7 @@ harness (:func:`optlab.core.run.execute`) whose ``config.yaml`` replays it
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -26,8 +27,8 @@ from optlab.core.anatomy import Anatomy, weight_matrix
 from optlab.core.calibration import Calibration
 from optlab.core.job import GIVEN, Job, Result, load_job, run_job
 from optlab.core.layerwise import BlockContext, batched, run_layerwise
-from optlab.core.models import LoadedModel, load_model
-from optlab.core.run import Run, execute, peak_memory_gb
+from optlab.core.models import LoadedModel, load_model, save_model
+from optlab.core.run import Run, execute, peak_memory_gb, seed_everything
 from optlab.errors import OptlabError
 from optlab.eval.perplexity import PerplexityEval, perplexity
 from optlab.eval.scorer import Scorer, context_length
@@ -51,6 +52,11 @@ from optlab.quant.quantize import (
 from optlab.retrain import perp as retraining
 from optlab.retrain.job import source_run
 from optlab.retrain.perp import PerpConfig
+from optlab.unlearn import job as unlearning
+from optlab.unlearn.data import Example, save_examples
+from optlab.unlearn.metrics import EvalConfig
+from optlab.unlearn.scenarios import Scenario, UnlearnData, known_facts
+from optlab.unlearn.trainer import TeachConfig, UnlearnConfig
 
 __all__ = [
     "Anatomy",
@@ -58,6 +64,8 @@ __all__ = [
     "BlockContext",
     "CMPQConfig",
     "Calibration",
+    "EvalConfig",
+    "Example",
     "GPTQConfig",
     "LoadedModel",
     "MagnitudeConfig",
@@ -68,13 +76,17 @@ __all__ = [
     "RTNConfig",
     "Result",
     "Run",
+    "Scenario",
     "Scorer",
     "SparseGPTConfig",
     "StorageConfig",
     "TDMPQConfig",
     "TaskEval",
+    "TeachConfig",
     "TiersConfig",
     "UniformConfig",
+    "UnlearnConfig",
+    "UnlearnData",
     "WandaConfig",
     "describe_model",
     "evaluate",
@@ -88,6 +100,8 @@ __all__ = [
     "resolve_model",
     "run_layerwise",
     "run_tasks",
+    "unlearn",
+    "unlearn_sweep",
     "weight_matrix",
 ]  # fmt: skip
 
@@ -137,9 +151,12 @@ def _windows(lm: LoadedModel, calib: Calibration | torch.Tensor, seed: int) -> t
 
 
 def _data_record(data: Any) -> Any:
-    """How config.yaml records data given as a tensor: its shape, and that it cannot replay."""
+    """How config.yaml records data given in Python (a tensor: its shape; a :class:`Scenario`:
+    its forget / retain / holdout sizes), and that it cannot replay."""
     if isinstance(data, torch.Tensor):
         return {GIVEN: list(data.shape)}
+    if isinstance(data, Scenario):
+        return {GIVEN: [len(data.forget), len(data.retain), len(data.holdout)]}
     return data
 
 
@@ -442,6 +459,150 @@ def _is_graph_file(path: Path) -> bool:
         return json.loads(path.read_text(encoding="utf-8")).get("format") == GRAPH_FORMAT
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
         return False
+
+
+def unlearn(
+    model: LoadedModel | str | Path,
+    config: UnlearnConfig | None = None,
+    *,
+    data: UnlearnData | Scenario,
+    evaluation: EvalConfig | None = None,
+    teach: TeachConfig | None = None,
+    save: bool = True,
+    seed: int = 0,
+    out: str | Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> Result:
+    """Unlearn ``data``'s forget set from ``model`` in place (``config.method``: ``ga``,
+    ``ga_kl_rand``, ``graddiff``, ``npo``, ``retain_only``), after teaching it first when the
+    scenario asks (``book``: ``teach``), and measure the suite (``evaluation``) on the model
+    before and after: FA, RA, MIA, AD, JS, distance to the oracle (the same budget on the
+    retain set only), attack AUCs, perplexity. ``data`` is an :class:`UnlearnData` spec (a
+    shipped scenario or your files) or a :class:`Scenario` of examples. With ``out``, write a
+    run: metrics, ``report.md``, the data sets (``forget.jsonl``, ... for ``optlab eval
+    --tasks unlearn:RUN``) and, with ``save``, the model.
+
+    >>> facts = [Example(a, f"What is the capital of {c}?") for c, a in [("France", "Paris"),
+    ...          ("Italy", "Rome"), ("Spain", "Madrid"), ("Peru", "Lima")]]
+    >>> result = unlearn(load_model("tiny:llama"), UnlearnConfig(method="graddiff", steps=2),
+    ...                  data=Scenario("capitals", facts[:2], facts[2:], []),
+    ...                  evaluation=EvalConfig(max_new_tokens=4, ppl_seq_len=32, ppl_limit=1),
+    ...                  progress=False)
+    >>> result["training"]["optimizer_steps"], sorted(result["base"])[:3]
+    (2, ['AD', 'FA', 'JS'])
+    """
+    config = replace(config or UnlearnConfig(), seed=seed)  # the call's seed is the config's
+    evaluation = evaluation or EvalConfig()
+    teach = teach or TeachConfig()
+    lm = resolve_model(model)
+    job = _job("unlearn", lm, seed, method=config, data=_data_record(data), teach=teach,
+               eval=evaluation, output=unlearning.UnlearnOutput(save))  # fmt: skip
+
+    def body(run: Run | None) -> dict[str, Any]:
+        scenario = data.build(lm, seed) if isinstance(data, UnlearnData) else data
+        harm = data.harm_classifier() if isinstance(data, UnlearnData) else None
+        if run is not None:
+            for name in ("forget", "retain", "holdout"):
+                save_examples(run.dir / f"{name}.jsonl", getattr(scenario, name))
+        oracle, info = unlearning.prepare(lm, scenario, config, teach, progress)
+        metrics = unlearning.measure(lm, oracle, scenario, config, evaluation, harm, progress)
+        metrics |= {"scenario": scenario.name, **scenario.info, **info,
+                    **unlearning.untaught(info)}  # fmt: skip
+        metrics.update(peak_memory_gb())
+        if run is not None:
+            run.save_text("report.md", unlearning.report(metrics))
+            if save:
+                save_model(lm, run.dir / "model")
+        return metrics
+
+    return _execute(job, body, out, force)
+
+
+def unlearn_sweep(
+    model: LoadedModel | str | Path,
+    methods: list[str] | tuple[str, ...],
+    seeds: list[int] | tuple[int, ...],
+    *,
+    data: UnlearnData | Scenario,
+    config: UnlearnConfig | None = None,
+    evaluation: EvalConfig | None = None,
+    teach: TeachConfig | None = None,
+    out: str | Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> Result:
+    """Every method x seed on the same data a single :func:`unlearn` takes (a shipped
+    scenario is split anew for each seed; files and a :class:`Scenario` are the same for
+    every seed, the seed then varies the training). Per seed, the forget set is taught when
+    the scenario asks, the oracle trained once and the base model measured once; each method
+    starts from a copy. With ``out``, write ``runs.csv`` (``run_id,dataset,seed,method,FA,RA,
+    MIA,AD,JS,distance``, then the other metrics and the base model's as ``base_*``: the input
+    of ``optlab audit reliability``) and one run directory per method and seed, whose
+    ``config.yaml`` is the single ``unlearn`` job that replays it.
+
+    >>> facts = [Example(a, f"What is the capital of {c}?") for c, a in [("France", "Paris"),
+    ...          ("Italy", "Rome"), ("Spain", "Madrid"), ("Peru", "Lima")]]
+    >>> result = unlearn_sweep("tiny:llama", ["ga", "retain_only"], [1, 2],
+    ...                        data=Scenario("capitals", facts[:2], facts[2:], []),
+    ...                        config=UnlearnConfig(steps=2),
+    ...                        evaluation=EvalConfig(max_new_tokens=4, ppl_seq_len=32,
+    ...                                              ppl_limit=1), progress=False)
+    >>> [row["run_id"] for row in result["rows"]]
+    ['ga-seed1', 'retain_only-seed1', 'ga-seed2', 'retain_only-seed2']
+    """
+    config = config or UnlearnConfig()
+    evaluation = evaluation or EvalConfig()
+    teach = teach or TeachConfig()
+    grid = unlearning.SweepConfig(tuple(methods), tuple(seeds))
+    if not grid.methods or not grid.seeds:
+        raise OptlabError("the sweep needs at least one method and one seed")
+    base_lm = resolve_model(model)
+    data_record = _data_record(data)
+    job = _job("unlearn sweep", base_lm, grid.seeds[0], method=config, sweep=grid,
+               data=data_record, teach=teach, eval=evaluation)  # fmt: skip
+
+    def body(run: Run | None) -> dict[str, Any]:
+        harm = data.harm_classifier() if isinstance(data, UnlearnData) else None
+        options: dict[str, Any] = {}
+        if isinstance(data, UnlearnData) and data.scenario == "facts":
+            options["known"] = known_facts(base_lm, progress=progress)  # the same for every seed
+        rows: list[dict[str, Any]] = []
+        for seed in grid.seeds:
+            seed_everything(seed)
+            scenario = data.build(base_lm, seed, **options) if isinstance(data, UnlearnData) \
+                else data  # fmt: skip
+            seeded = replace(config, seed=seed)
+            taught = unlearning.with_model(base_lm, copy.deepcopy(base_lm.model))
+            oracle, info = unlearning.prepare(taught, scenario, seeded, teach, progress)
+            base = unlearning.base_metrics(taught, oracle, scenario, seeded, evaluation, harm,
+                                           progress)  # fmt: skip
+            for method in grid.methods:
+                run_id = f"{method}-seed{seed}"
+                log.info("sweep: %s", run_id)
+                lm = unlearning.with_model(taught, copy.deepcopy(taught.model))
+                method_config = replace(seeded, method=method)
+                metrics = unlearning.measure(lm, oracle, scenario, method_config, evaluation,
+                                             harm, progress, base=base)  # fmt: skip
+                metrics |= unlearning.untaught(info)
+                rows.append(unlearning.runs_row(run_id, scenario.name, seed, method, metrics))
+                if run is not None:  # each run is the single unlearn job that replays it
+                    single = _job("unlearn", base_lm, seed, method=method_config,
+                                  data=data_record, teach=teach, eval=evaluation,
+                                  output=unlearning.UnlearnOutput(save=False))  # fmt: skip
+                    with Run(run.dir / run_id, config=single.to_dict(), seed=seed,
+                             device=job.device, dtype=job.dtype) as sub:  # fmt: skip
+                        sub.add_metrics({**metrics, "scenario": scenario.name, **scenario.info,
+                                         **info})  # fmt: skip
+                    run.save_text("runs.csv", unlearning.runs_csv(rows))  # a crash keeps rows
+                del lm
+        return {"runs": len(rows), "methods": list(grid.methods), "seeds": list(grid.seeds),
+                "rows": rows}  # fmt: skip
+
+    result = _execute(job, body, out, force)
+    if result.run is not None:
+        result.metrics["runs_csv"] = str(result.run / "runs.csv")
+    return result
 
 
 def rerun(

@@ -19,6 +19,11 @@ from optlab.eval.tasks import TaskEval
 from optlab.prune.pruner import WandaConfig
 from optlab.quant.quantize import RTNConfig, StorageConfig, TDMPQConfig
 from optlab.retrain.perp import PerpConfig
+from optlab.unlearn.job import SweepConfig, UnlearnOutput
+from optlab.unlearn.losses import LOSSES, offered_methods
+from optlab.unlearn.metrics import EvalConfig
+from optlab.unlearn.scenarios import UnlearnData
+from optlab.unlearn.trainer import TeachConfig, UnlearnConfig
 
 MODEL = Input("model", "MODEL", "a model spec or a run directory")
 MODEL_OR_RUN = Input("model", "MODEL_OR_RUN", "a model spec, or a run directory (its model/)")
@@ -149,6 +154,77 @@ register_command(Command(
     ),
     run=_retrain,
     examples=("optlab retrain runs/w50 --method perp --steps 200 --out runs/w50-perp",),
+))  # fmt: skip
+
+
+def _unlearn(job: Job, *, out: str | Path | None, force: bool, progress: bool) -> Result:
+    c = job.configs
+    result = api.unlearn(_load(job), c["method"], data=c["data"], evaluation=c["eval"],
+                         teach=c["teach"], save=c["output"].save, seed=job.seed, out=out,
+                         force=force, progress=progress)  # fmt: skip
+    # One loss per step is in metrics.json; a thousand of them do not belong on a terminal.
+    return Result({k: v for k, v in result.metrics.items() if k != "losses"}, result.run)
+
+
+def _unlearn_sweep(job: Job, *, out: str | Path | None, force: bool, progress: bool) -> Result:
+    c = job.configs
+    methods = c["sweep"].methods or (c["method"].method,)
+    seeds = c["sweep"].seeds or (job.seed,)
+    return api.unlearn_sweep(_load(job), methods, seeds, data=c["data"], config=c["method"],
+                             evaluation=c["eval"], teach=c["teach"], out=out, force=force,
+                             progress=progress)  # fmt: skip
+
+
+_UNLEARN_METHODS = "\n".join(f"  {name:<13}{LOSSES.get(name).summary}"
+                              for name in offered_methods())  # fmt: skip
+_UNLEARN_DATA = (
+    "Data: --scenario facts (country questions the model answers), --scenario book (teach\n"
+    "Crime and Punishment passages, then unlearn them), or --forget F [--retain R] [--holdout\n"
+    'H]: .jsonl of {"question","answer"} (or {"text"}) lines, or .txt documents split by\n'
+    "blank lines."
+)
+_UNLEARN_SECTIONS = (
+    Section("data", None, "data", config=UnlearnData),
+    Section("method", UnlearnConfig(), "training"),
+    Section("teach", TeachConfig(), "teaching (book scenario)"),
+    Section("eval", EvalConfig(), "evaluation"),
+)
+
+register_command(Command(
+    name="unlearn",
+    help="unlearn data from a model (GA family) and measure it: FA, RA, MIA, ...",
+    description="Unlearn a forget set from MODEL by gradient ascent and its relatives, train "
+    "the oracle\n(the same budget on the retain set only) and write the metric suite for the "
+    "base and\nthe unlearned model: FA, RA, MIA, AD, JS, distance, mia_loss/zlib/mink/minkpp "
+    "AUCs,\nppl (wiki:eval), rougeL/exact_match (documents), harmful_rate (--harm-labels).\n"
+    f"{_UNLEARN_METHODS}\n{_UNLEARN_DATA}\n"
+    "Sweep: optlab unlearn sweep MODEL --scenario facts --methods ga,npo --seeds 1,2,3\n"
+    "       --out DIR   (writes DIR/runs.csv, the input of the reliability audit)\n"
+    "Runs on HF Accelerate: `accelerate launch -m optlab.cli unlearn ...` uses many GPUs.",
+    inputs=(MODEL,),
+    sections=(*_UNLEARN_SECTIONS, Section("output", UnlearnOutput(), "output")),
+    run=_unlearn,
+    seed=UnlearnConfig().seed,
+    examples=("optlab unlearn default --scenario facts --method graddiff --lr 1e-5 "
+              "--steps 100 --out runs/facts-gd",),
+))  # fmt: skip
+
+register_command(Command(
+    name="unlearn sweep",
+    help="unlearn with every method x seed; writes runs.csv for the reliability audit",
+    description="Run `optlab unlearn` for every --methods x --seeds on the same data (a "
+    "scenario is split\nanew per seed; your files stay the same and the seed varies the "
+    "training). Per seed\nthe forget set is taught when the scenario asks, the oracle trained "
+    "and the base model\nmeasured once; each method starts from a copy. Writes DIR/runs.csv "
+    "(run_id,dataset,seed,\nmethod,FA,RA,MIA,AD,JS,distance, then the other metrics and "
+    "base_*) and DIR/METHOD-seedS/\n(metrics; its config.yaml replays it as one unlearn run).\n"
+    f"{_UNLEARN_METHODS}\n{_UNLEARN_DATA}",
+    inputs=(MODEL,),
+    sections=(Section("sweep", SweepConfig(), "sweep"), *_UNLEARN_SECTIONS),
+    run=_unlearn_sweep,
+    seed=UnlearnConfig().seed,
+    examples=("optlab unlearn sweep default --scenario facts --methods ga,npo,retain_only "
+              "--seeds 1,2,3 --steps 100 --out runs/sweep",),
 ))  # fmt: skip
 
 

