@@ -104,9 +104,7 @@ def measure(
     if base is None:
         base = base_metrics(lm, oracle, data, config, eval_config, harm, progress)
     result = unlearn(lm, data.forget, data.retain, config, progress=progress)
-    after = evaluate_model(lm, data.forget, data.retain, data.holdout, eval_config,
-                           oracle=oracle.model, harm=harm, trained=result.trained,
-                           progress=progress)  # fmt: skip
+    after = _suite(lm, oracle, data, eval_config, harm, result.trained, progress)
     if base.get("harmful_rate"):  # relative reduction; the base rate is reported beside it
         after["harm_reduction"] = 1 - after["harmful_rate"] / base["harmful_rate"]
     training = {k: v for k, v in result.metrics.items() if k != "losses"}
@@ -124,9 +122,21 @@ def base_metrics(
     progress: bool,
 ) -> dict[str, Any]:
     """The suite on the model before unlearning (the distance over what ``config`` trains)."""
+    trained = trained_names(lm.model, config.lora)
+    return _suite(lm, oracle, data, eval_config, harm, trained, progress)
+
+
+def _suite(
+    lm: LoadedModel,
+    oracle: LoadedModel,
+    data: Scenario,
+    eval_config: EvalConfig,
+    harm: HarmClassifier | None,
+    trained: list[str],
+    progress: bool,
+) -> dict[str, Any]:
     return evaluate_model(lm, data.forget, data.retain, data.holdout, eval_config,
-                          oracle=oracle.model, harm=harm,
-                          trained=trained_names(lm.model, config.lora),
+                          oracle=oracle.model, harm=harm, trained=trained,
                           progress=progress)  # fmt: skip
 
 
