@@ -26,7 +26,7 @@ from optlab.core.calibration import Calibration
 from optlab.core.config import config_from_dict
 from optlab.core.data import load_text, sample_windows
 from optlab.core.models import LoadedModel, load_model
-from optlab.prune.masks import Pattern
+from optlab.pruning.masks import Pattern
 
 
 def import_official(folder: Path) -> types.ModuleType:

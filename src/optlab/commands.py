@@ -16,14 +16,14 @@ from optlab.core.calibration import Calibration
 from optlab.core.job import COMMANDS, Command, Input, Job, Result, Section, register_command
 from optlab.eval.perplexity import PerplexityEval
 from optlab.eval.tasks import TaskEval
-from optlab.prune.pruner import WandaConfig
+from optlab.pruning.pruner import WandaConfig
 from optlab.quant.quantize import RTNConfig, StorageConfig, TDMPQConfig
-from optlab.retrain.perp import PerpConfig
-from optlab.unlearn.job import SweepConfig, UnlearnOutput
-from optlab.unlearn.losses import LOSSES, offered_methods
-from optlab.unlearn.metrics import EvalConfig
-from optlab.unlearn.scenarios import UnlearnData
-from optlab.unlearn.trainer import TeachConfig, UnlearnConfig
+from optlab.retraining.perp import PerpConfig
+from optlab.unlearning.job import SweepConfig, UnlearnOutput
+from optlab.unlearning.losses import LOSSES, offered_methods
+from optlab.unlearning.metrics import EvalConfig
+from optlab.unlearning.scenarios import UnlearnData
+from optlab.unlearning.trainer import TeachConfig, UnlearnConfig
 
 MODEL = Input("model", "MODEL", "a model spec or a run directory")
 MODEL_OR_RUN = Input("model", "MODEL_OR_RUN", "a model spec, or a run directory (its model/)")

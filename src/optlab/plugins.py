@@ -1,7 +1,7 @@
 """The packages that register entries in core's and eval's tables, named once.
 
 A package listed here adds its entries when imported (``optlab.quant`` calls
-``core.models.register_loader`` for its packed-weight folders; ``optlab.unlearn`` calls
+``core.models.register_loader`` for its packed-weight folders; ``optlab.unlearning`` calls
 ``eval.tasks.register_prefix`` for ``unlearn:RUN``). Core and eval cannot import these
 packages (they sit below them), so this module, above every layer, installs the importer
 that their look-ups call through :mod:`optlab.core.hooks`. The names are strings imported on
@@ -16,7 +16,7 @@ from optlab.core import hooks
 
 PLUGINS: dict[str, tuple[str, ...]] = {
     hooks.MODEL_LOADERS: ("optlab.quant",),
-    hooks.EVAL_TASKS: ("optlab.unlearn",),
+    hooks.EVAL_TASKS: ("optlab.unlearning",),
     hooks.COMMANDS: ("optlab.commands",),
 }
 

@@ -100,7 +100,7 @@ def test_methods_dispatch_on_type_and_suggest_names() -> None:
         registry.of(OuterConfig(), "toy")
     with pytest.raises(ValueError, match="registered twice"):
         registry.register("toy", ToyConfig, "again")
-    import optlab.prune.pruner  # noqa: F401  (registers the pruning methods)
+    import optlab.pruning.pruner  # noqa: F401  (registers the pruning methods)
 
     assert "wanda" in METHODS.methods("prune")
     assert config_to_dict(Unregistered()) == {"x": 1}  # plain dataclasses carry no tag

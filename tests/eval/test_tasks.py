@@ -84,7 +84,7 @@ def test_unlearn_prefix_is_found_from_a_fresh_process(tmp_path) -> None:
         "import sys\n"
         "from optlab.eval.tasks import get_task\n"
         "from optlab.errors import OptlabError\n"
-        "assert 'optlab.unlearn' not in sys.modules\n"
+        "assert 'optlab.unlearning' not in sys.modules\n"
         "try:\n"
         "    get_task('unlearn:' + sys.argv[1])\n"
         "except OptlabError as err:\n"

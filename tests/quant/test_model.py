@@ -4,7 +4,7 @@ import torch
 
 from optlab.core.anatomy import weight_matrix
 from optlab.core.models import load_model
-from optlab.prune.masks import pruned_linears
+from optlab.pruning.masks import pruned_linears
 from optlab.quant.apply import quantize_gptq_model, quantize_rtn_model, round_rest
 from optlab.quant.embedding import QuantEmbedding, quantize_embeddings
 from optlab.quant.linear import QuantLinear

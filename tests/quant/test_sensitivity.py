@@ -9,7 +9,7 @@ from torch.nn import functional as F
 from optlab.core.anatomy import weight_matrix
 from optlab.core.models import load_model
 from optlab.errors import OptlabError
-from optlab.prune.masks import Pattern, keep_mask
+from optlab.pruning.masks import Pattern, keep_mask
 from optlab.quant.quantizer import quantize_rtn
 from optlab.quant.sensitivity import (
     METHODS,

@@ -20,8 +20,8 @@ from optlab.core.layerwise import BlockContext, run_layerwise
 from optlab.core.models import LoadedModel, load_model, save_model
 from optlab.core.stats import InputNorms, record_inputs
 from optlab.errors import OptlabError
-from optlab.prune.masks import pruned_linears
-from optlab.prune.pruner import WandaConfig, prune
+from optlab.pruning.masks import pruned_linears
+from optlab.pruning.pruner import WandaConfig, prune
 from tests.conftest import random_ids
 
 OUTSIDE = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu",

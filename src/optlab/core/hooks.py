@@ -2,7 +2,7 @@
 
 Core sits at the bottom of the layering and imports nothing above it, yet some of its
 look-ups must find entries that method packages add: ``load_model`` a quantized run's loader
-(``optlab.quant``), eval's task table the ``unlearn:RUN`` tasks (``optlab.unlearn``). Each such
+(``optlab.quant``), eval's task table the ``unlearn:RUN`` tasks (``optlab.unlearning``). Each such
 package registers its entries when it is imported. :mod:`optlab.plugins`, at the top, names
 those packages per table and installs the importer; a look-up calls :func:`import_plugins`
 first, so a fresh process finds the entries without anyone importing the packages by hand.

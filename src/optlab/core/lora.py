@@ -5,7 +5,7 @@ frozen, A (rank x in) and B (out x rank) train, and the layer computes W + s·BA
 s = alpha / rank. :func:`merge_adapters` writes every merged weight into its base module and
 puts the base back, so the model is a plain Hugging Face model again. Every method that
 fine-tunes through adapters (PERP retraining, unlearning) uses this one; variants that change
-the update (PERP's masked and multiplicative ones, :mod:`optlab.retrain.lora`) subclass it and
+the update (PERP's masked and multiplicative ones, :mod:`optlab.retraining.lora`) subclass it and
 override :meth:`~LoraLinear.delta`, :meth:`~LoraLinear.merged_weight` and ``forward``.
 
 Adapters are fp32 whatever the model's dtype. GPT-2's ``Conv1D`` stores its weight as

@@ -1,6 +1,6 @@
 """Named evaluation tasks: ``ppl:<corpus>`` and ``mc:<task>`` (plus local files), and tasks
 other packages register by prefix (``unlearn:RUN``, the unlearning metric suite on the data
-sets of an unlearning run, is :mod:`optlab.unlearn`'s).
+sets of an unlearning run, is :mod:`optlab.unlearning`'s).
 
 A task takes a :class:`Scorer` and returns flat metrics. ``ppl:wiki`` scores the held-out
 Wikipedia part; ``ppl:FILE.txt`` any local text; ``mc:sentiment`` and ``mc:analogy`` are

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from optlab.core.anatomy import Anatomy, weight_matrix
 from optlab.errors import OptlabError, did_you_mean
-from optlab.prune.masks import Pattern, keep_mask
+from optlab.pruning.masks import Pattern, keep_mask
 from optlab.quant.quantizer import quantize_rtn
 
 METHODS = ("cmpq", "pmpq", "tdmpq")

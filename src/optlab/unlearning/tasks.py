@@ -1,0 +1,40 @@
+"""``unlearn:RUN``: the unlearning metric suite as an evaluation task, for any model.
+
+Registered in eval's task table when :mod:`optlab.unlearning` is imported, so
+``optlab eval MODEL --tasks unlearn:RUN`` scores a model on the forget / retain / holdout
+sets an ``optlab unlearn`` run saved.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from optlab.core.models import LoadedModel
+from optlab.errors import OptlabError
+from optlab.eval.scorer import Scorer
+from optlab.eval.tasks import Task, register_prefix
+from optlab.unlearning.data import load_examples
+from optlab.unlearning.metrics import EvalConfig, evaluate_model
+
+
+@register_prefix("unlearn")
+def unlearn_task(run: str) -> Task:
+    """The unlearning metric suite (without the oracle's) on the data sets of run ``run``."""
+    folder = Path(run).expanduser()
+    if not (folder / "forget.jsonl").is_file():
+        raise OptlabError(f"task {'unlearn:' + run!r}: give an optlab unlearn run, as "
+                          "unlearn:RUN (it holds forget.jsonl, retain.jsonl, "
+                          "holdout.jsonl)")  # fmt: skip
+
+    def task(scorer: Scorer, *, limit: int | None = None, seq_len: int | None = None,
+             **_: Any) -> dict:  # fmt: skip
+        sets = []
+        for part in ("forget", "retain", "holdout"):  # an empty set is saved as an empty file
+            path = folder / f"{part}.jsonl"
+            sets.append(load_examples(path) if path.read_text(encoding="utf-8").strip() else [])
+        lm = LoadedModel(scorer.model, scorer.tokenizer, str(folder))
+        config = EvalConfig(samples=limit or 100, ppl_seq_len=seq_len or 512)
+        return evaluate_model(lm, *sets, config)
+
+    return task

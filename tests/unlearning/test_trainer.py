@@ -1,0 +1,113 @@
+"""The shared loop under unlearning: exact budgets, a stop that fires, LoRA merged on q/v."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from optlab.core.lora import adapters_of
+from optlab.core.models import load_model
+from optlab.errors import OptlabError
+from optlab.eval.scorer import Scorer
+from optlab.unlearning.data import Example
+from optlab.unlearning.metrics import qa_accuracy
+from optlab.unlearning.scenarios import facts_scenario, known_facts
+from optlab.unlearning.trainer import UnlearnConfig, trained_names, unlearn
+from tests.unlearning.conftest import capital_questions
+
+FORGET = [Example("Paris", "What is the capital of France?"), Example("Rome", "Capital of Italy?")]
+RETAIN = [Example("Berlin", "What is the capital of Germany?"), Example("Oslo", "Norway?")]
+
+
+@pytest.mark.parametrize("method", ["ga", "ga_kl_rand", "graddiff", "npo", "retain_only"])
+def test_every_method_takes_exactly_its_steps(method) -> None:
+    lm = load_model("tiny:llama", seed=0)
+    config = UnlearnConfig(method=method, steps=3, lr=1e-4, grad_accum=2, random_answers=2)
+    result = unlearn(lm, FORGET, RETAIN, config, progress=False)
+    assert result.metrics["optimizer_steps"] == 3 and len(result.metrics["losses"]) == 3
+    assert not result.metrics["stopped_early"]
+
+
+def test_gradient_ascent_raises_the_forget_loss() -> None:
+    lm = load_model("tiny:gpt2", seed=0)  # another family, another head layout
+    result = unlearn(lm, FORGET, None, UnlearnConfig(method="ga", steps=5, lr=1e-3),
+                     progress=False)  # fmt: skip
+    losses = result.metrics["losses"]  # the loss is -CE: it must fall
+    assert losses[-1] < losses[0]
+
+
+def test_the_stop_on_forget_loss_fires() -> None:
+    lm = load_model("tiny:llama", seed=0)
+    config = UnlearnConfig(method="ga", steps=50, lr=1e-3, stop_forget_ce=0.0)
+    result = unlearn(lm, FORGET, None, config, progress=False)
+    assert result.metrics["optimizer_steps"] == 1 and result.metrics["stopped_early"]
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2", "gpt_neox"])
+def test_lora_changes_only_the_query_value_weights_and_is_merged(family) -> None:
+    lm = load_model(f"tiny:{family}", seed=0)
+    before = copy.deepcopy(lm.model.state_dict())
+    config = UnlearnConfig(method="graddiff", steps=3, lr=1e-2, lora=True)
+    result = unlearn(lm, FORGET, RETAIN, config, progress=False)
+    assert not adapters_of(lm.model)
+    after = lm.model.state_dict()
+    assert set(after) == set(before)  # plain HF modules again
+    changed = {name for name in after if not torch.equal(after[name], before[name])}
+    assert changed and changed <= set(result.trained)
+    assert result.trained == trained_names(lm.model, lora=True)
+    assert all(p.requires_grad for p in lm.model.parameters())  # left as found
+
+
+def test_nan_loss_names_the_step() -> None:
+    lm = load_model("tiny:llama", seed=0)
+    with torch.no_grad():
+        next(lm.model.parameters()).fill_(float("nan"))
+    with pytest.raises(OptlabError, match="nan at step 1"):
+        unlearn(lm, FORGET, None, UnlearnConfig(method="ga", steps=2), progress=False)
+
+
+def test_config_and_data_errors() -> None:
+    with pytest.raises(OptlabError, match="Did you mean 'graddiff'"):
+        UnlearnConfig(method="gradiff")
+    with pytest.raises(OptlabError, match="steps"):
+        UnlearnConfig(steps=0)
+    with pytest.raises(OptlabError, match="retain_weight"):
+        UnlearnConfig(retain_weight=-1.0)
+    lm = load_model("tiny:llama", seed=0)
+    with pytest.raises(OptlabError, match="needs a retain set"):
+        unlearn(lm, FORGET, None, UnlearnConfig(method="graddiff"), progress=False)
+
+
+def test_a_few_ga_steps_lower_forget_accuracy_on_the_facts_scenario(taught_model) -> None:
+    lm = load_model(str(taught_model))
+    asked = capital_questions(40)  # the 16 taught and 24 the model does not know
+    known = known_facts(lm, max_new_tokens=12, progress=False, questions=asked, cache=False)
+    assert 10 <= len(known) < len(asked)
+    scenario = facts_scenario(lm, seed=0, forget_fraction=0.25, known=known)
+    scorer = Scorer(lm, progress=False)
+    before = qa_accuracy(scorer, scenario.forget, 12)
+    assert before == 1.0  # filtered to what the model answers
+    unlearn(lm, scenario.forget, None, UnlearnConfig(method="ga", steps=5, lr=1e-3),
+            progress=False)  # fmt: skip
+    assert qa_accuracy(scorer, scenario.forget, 12) <= 0.25
+
+
+def test_known_facts_are_cached_by_weights(taught_model, tmp_path, monkeypatch) -> None:
+    import optlab.unlearning.scenarios as scenarios
+
+    monkeypatch.setenv("OPTLAB_CACHE", str(tmp_path))
+    lm = load_model(str(taught_model))
+    asked = capital_questions(20)
+    first = known_facts(lm, max_new_tokens=12, progress=False, questions=asked)
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("answers were generated again")
+
+    monkeypatch.setattr(scenarios, "answers", no_generation)
+    assert known_facts(lm, max_new_tokens=12, progress=False, questions=asked) == first
+    with torch.no_grad():
+        next(lm.model.parameters()).add_(1.0)  # other weights: another cache entry
+    with pytest.raises(AssertionError, match="generated again"):
+        known_facts(lm, max_new_tokens=12, progress=False, questions=asked)
