@@ -177,10 +177,42 @@ def code_text(max_chars: int = CODE_CHARS) -> str:
     return "\n\n".join(parts)
 
 
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
+def read_text_file(
+    path: str | Path, what: str = "file", *, allow_empty: bool = False, encoding: str = "utf-8"
+) -> str:
+    """The text of a user's file, every way it can be unreadable turned into one line naming
+    it: missing, a folder, unreadable, not UTF-8 (with the byte offset), or empty (blank)
+    unless ``allow_empty``. ``what`` says what the file is for, e.g. ``"--forget file"``.
+
+    >>> read_text_file("notes.txt", "--corpus file")
+    """
+    path = Path(path).expanduser()
+    shown = repr(str(path))
+    if path.is_dir():
+        raise OptlabError(f"{what} {shown} is a folder, not a file")
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise OptlabError(f"{what} not found: {shown} (no such file)") from None
+    except OSError as err:
+        raise OptlabError(f"cannot read {what} {shown}: {err.strerror or err}") from None
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as err:
+        raise OptlabError(
+            f"{what} {shown} is not {encoding.upper()} text: byte 0x{raw[err.start]:02x} at "
+            f"offset {err.start} cannot be decoded (save it as UTF-8)"
+        ) from None
+    if not allow_empty and not text.strip():
+        raise OptlabError(f"{what} {shown} is empty")
+    # Newlines as text mode reads them: a file written on Windows parses the same.
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def read_jsonl(path: str | Path, what: str = "JSON Lines file") -> Iterator[tuple[int, Any]]:
     """(line number, parsed object) for each non-blank line of a JSON Lines file; a line that
     is not JSON is named in the error. Callers check the fields they need."""
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(read_text_file(path, what).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -214,12 +246,12 @@ def load_text(name: str) -> str:
         return code_text()
     path = Path(name).expanduser()
     if path.suffix in (".txt", ".jsonl") or path.exists():
-        if not path.is_file():
-            raise OptlabError(f"text file not found: {path}")
         if path.suffix == ".jsonl":
             return _jsonl_text(path)
         if path.suffix == ".txt":
-            return path.read_text(encoding="utf-8")
+            return read_text_file(path, "text file")
+        if path.is_dir():
+            raise OptlabError(f"text file {str(path)!r} is a folder, not a file")
         raise OptlabError(f"unsupported text file {path}: use .txt or .jsonl")
     hint = "Or pass a local .txt or .jsonl file."
     raise OptlabError(f"{did_you_mean('corpus', name, CORPORA)} {hint}")
