@@ -31,7 +31,7 @@ from optlab.core.models import LoadedModel, load_model, save_model
 from optlab.core.run import Run, execute, peak_memory_gb, seed_everything
 from optlab.errors import OptlabError
 from optlab.eval.perplexity import PerplexityEval, perplexity
-from optlab.eval.scorer import Scorer, context_length
+from optlab.eval.scorer import Scorer, context_length, window_length
 from optlab.eval.tasks import TaskEval, get_task, run_tasks
 from optlab.prune import pruner
 from optlab.prune.masks import save_sparse_model
@@ -144,10 +144,13 @@ def _execute(job: Job, body: Any, out: str | Path | None, force: bool) -> Result
     return Result(metrics, path)
 
 
-def _windows(lm: LoadedModel, calib: Calibration | torch.Tensor, seed: int) -> torch.Tensor:
+def _windows(
+    lm: LoadedModel, calib: Calibration | torch.Tensor, seed: int, default: int | None = None
+) -> torch.Tensor:
     if isinstance(calib, torch.Tensor):
         return calib
-    return calib.windows(lm.tokenizer, calib.seq_len or context_length(lm.model), seed)
+    seq_len = window_length(lm.model, calib.seq_len, default=default)
+    return calib.windows(lm.tokenizer, seq_len, seed)
 
 
 def _data_record(data: Any) -> Any:
@@ -193,7 +196,7 @@ def prune(
         batch = calib.batch_size if isinstance(calib, Calibration) else 8
         metrics = pruner.prune(lm, config, windows, batch_size=batch, progress=progress)
         log.info("sparsity %.4f in %.1f s", metrics["sparsity"]["total"], metrics["prune_seconds"])
-        seq_len = windows.shape[1] if windows is not None else None
+        seq_len = windows.shape[1] if windows is not None else getattr(calib, "seq_len", None)
         if evaluation is not None and evaluation.enabled:
             metrics["perplexity"] = evaluation.measure(lm, seq_len, progress)
         metrics.update(peak_memory_gb())
@@ -244,7 +247,8 @@ def quantize(
                eval=evaluation)  # fmt: skip
 
     def body(run: Run | None) -> dict[str, Any]:
-        seq_len = calib.shape[1] if isinstance(calib, torch.Tensor) else calib.seq_len
+        seq_len = calib.shape[1] if isinstance(calib, torch.Tensor) else window_length(
+            lm.model, calib.seq_len, default=QUANT_CALIB.seq_len)  # fmt: skip
         parameters = sum(p.numel() for p in lm.model.parameters())
         metrics: dict[str, Any] = {"fp16_bytes": 2 * parameters}
         measure = evaluation is not None and evaluation.enabled
@@ -253,7 +257,7 @@ def quantize(
         windows = None
         if quant.needs_windows(allocation, sensitivity, quantizer):
             batch = calib.batch_size if isinstance(calib, Calibration) else 8
-            windows = batched(_windows(lm, calib, seed), batch)
+            windows = batched(_windows(lm, calib, seed, QUANT_CALIB.seq_len), batch)
         settings = quant.score_settings(sensitivity, allocation, quantizer, calib, seed, lm.spec)
         scores = None
         if sensitivity.scores_from is not None:
@@ -322,6 +326,9 @@ def retrain(
             dense = load_model(str(dense), seed=source_config.get("seed", 0))
     else:
         lm = model
+    # The job records the window really used: PERP's default 512 capped at a short context.
+    config = replace(config, seq_len=window_length(lm.model, config.seq_len,
+                                                   default=PerpConfig.seq_len))  # fmt: skip
     if config.method == "reconstruct" and dense is None:
         raise OptlabError("reconstruct needs the dense model: pass dense=")
     dense_lm = None if dense is None else resolve_model(dense)
@@ -672,10 +679,8 @@ def evaluate(
     if not isinstance(tasks, TaskEval):
         tasks = TaskEval(tuple(tasks), limit=limit, seq_len=seq_len, batch_size=batch_size)
     lm = resolve_model(model)
-    native = context_length_native(lm)
-    if tasks.seq_len is not None and native is not None and tasks.seq_len > native:
-        raise OptlabError(f"--seq-len {tasks.seq_len} exceeds the model's context length "
-                          f"{native}")  # fmt: skip
+    if tasks.seq_len is not None:
+        window_length(lm.model, tasks.seq_len)  # refuses a window past the context
     job = _job("eval", lm, seed, tasks=tasks)
 
     def body(run: Run | None) -> dict[str, Any]:

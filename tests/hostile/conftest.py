@@ -86,3 +86,11 @@ def prune_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "pruned"
     assert main(["prune", "tiny:opt", "--method", "magnitude", "--no-eval", "--out", str(out)]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def quant_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny:opt 8-bit RTN run (packed weights, no calibration); tests must not change it."""
+    out = tmp_path_factory.mktemp("runs") / "quantized"
+    assert main(["quantize", "tiny:opt", "--uniform", "8", "--no-eval", "--out", str(out)]) == 0
+    return out

@@ -17,7 +17,8 @@ QA = '{"question": "What is A?", "answer": "B"}\n'
 
 def latin1(tmp_path: Path, name: str) -> Path:
     path = tmp_path / name
-    path.write_bytes(LATIN1 if not name.endswith(".jsonl") else b'{"text": "' + LATIN1[:-1] + b'"}\n')
+    jsonl = b'{"text": "' + LATIN1[:-1] + b'"}\n'
+    path.write_bytes(jsonl if name.endswith(".jsonl") else LATIN1)
     return path
 
 
@@ -36,18 +37,52 @@ def commands(tmp: Path, bad: Path, prune_run: Path) -> dict[str, list[object]]:
         "ppl": ["eval", "tiny:opt", "--tasks", f"ppl:{bad.with_suffix('.txt')}"],
         "forget": [*unlearn, "--forget", bad.with_suffix(".jsonl"), "--retain", retain],
         "retain": [*unlearn, "--forget", forget, "--retain", bad.with_suffix(".txt")],
-        "holdout": [*unlearn, "--forget", forget, "--retain", retain,
-                    "--holdout", bad.with_suffix(".jsonl")],  # fmt: skip
-        "harm-labels": [*unlearn, "--forget", forget, "--retain", retain,
-                        "--harm-labels", bad.with_suffix(".jsonl")],  # fmt: skip
+        "holdout": [
+            *unlearn,
+            "--forget",
+            forget,
+            "--retain",
+            retain,
+            "--holdout",
+            bad.with_suffix(".jsonl"),
+        ],
+        "harm-labels": [
+            *unlearn,
+            "--forget",
+            forget,
+            "--retain",
+            retain,
+            "--harm-labels",
+            bad.with_suffix(".jsonl"),
+        ],
         "reliability": ["audit", "reliability", bad.with_suffix(".csv")],
-        "calib": ["prune", "tiny:opt", "--n-calib", "2", "--seq-len", "16",
-                  "--calib", bad.with_suffix(".txt")],  # fmt: skip
+        "calib": [
+            "prune",
+            "tiny:opt",
+            "--n-calib",
+            "2",
+            "--seq-len",
+            "16",
+            "--calib",
+            bad.with_suffix(".txt"),
+        ],
         "corpus": ["retrain", prune_run, "--steps", "1", "--corpus", bad.with_suffix(".txt")],
-        "graph-corpus": ["audit", "graph", "--corpus", bad.with_suffix(".txt"),
-                         "--entities", entities],  # fmt: skip
-        "graph-entities": ["audit", "graph", "--corpus", entities,
-                           "--entities", bad.with_suffix(".txt")],  # fmt: skip
+        "graph-corpus": [
+            "audit",
+            "graph",
+            "--corpus",
+            bad.with_suffix(".txt"),
+            "--entities",
+            entities,
+        ],
+        "graph-entities": [
+            "audit",
+            "graph",
+            "--corpus",
+            entities,
+            "--entities",
+            bad.with_suffix(".txt"),
+        ],
         "forgotten": ["audit", "skeb", "tiny:opt", "--forgotten", bad.with_suffix(".jsonl")],
         "prompts": ["audit", "skeb", "tiny:opt", "--prompts", bad.with_suffix(".jsonl")],
     }
