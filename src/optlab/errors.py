@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import math
 from collections.abc import Iterable
 
 
@@ -17,10 +16,3 @@ def did_you_mean(kind: str, name: str, valid: Iterable[str]) -> OptlabError:
     close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
     hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
     return OptlabError(f"unknown {kind} {name!r}.{hint} Valid: {', '.join(valid)}.")
-
-
-def require_finite(name: str, value: float | None) -> None:
-    """Refuse NaN and infinities in a config value: comparisons with NaN are all false, so a
-    NaN slips through every range check after it and surfaces later as a wrong number."""
-    if value is not None and not math.isfinite(value):
-        raise OptlabError(f"{name} must be a finite number, got {value}")
