@@ -12,13 +12,14 @@ QUANTIZE = ["quantize", "tiny:opt", "--no-eval", "--n-calib", "3"]
 @pytest.mark.parametrize(
     ("args", "needles"),
     [
-        ([*QUANTIZE, "--avg-bits", "nan"], ["--avg-bits", "nan", "finite"]),
-        ([*QUANTIZE, "--avg-bits", "inf"], ["--avg-bits", "inf", "finite"]),
-        ([*QUANTIZE, "--max-size", "nan"], ["--max-size", "nan"]),
-        ([*QUANTIZE, "--avg-bits", "4", "--damp", "nan"], ["--damp", "nan"]),
+        ([*QUANTIZE, "--avg-bits", "nan"], ["avg_bits", "nan", "finite"]),
+        ([*QUANTIZE, "--avg-bits", "inf"], ["avg_bits", "inf", "finite"]),
+        ([*QUANTIZE, "--max-size", "nan"], ["max_size_mb", "nan"]),
+        ([*QUANTIZE, "--avg-bits", "4", "--gptq", "--damp", "nan"], ["damp", "nan"]),
         ([*QUANTIZE, "--avg-bits", "4", "--sensitivity", "cmpq", "--cca-dims", "-1"],
-         ["--cca-dims", "-1", ">= 0"]),
-        ([*QUANTIZE, "--avg-bits", "4", "--prune-fraction", "nan"], ["--prune-fraction", "nan"]),
+         ["cca_dims", "-1", ">= 0"]),
+        ([*QUANTIZE, "--avg-bits", "4", "--sensitivity", "pmpq", "--prune-fraction", "nan"],
+         ["prune_fraction", "nan"]),
         (["retrain", "PRUNE_RUN", "--alpha", "nan"], ["alpha", "nan", "finite"]),
         (["retrain", "PRUNE_RUN", "--lr", "nan"], ["lr", "nan", "finite"]),
         (["audit", "skeb", "tiny:opt", "--format", "Q: {prompt} {x}"], ["--format", "{x}"]),
@@ -37,5 +38,5 @@ def test_bad_config_values_are_one_line(capsys, tmp_path, prune_run, args, needl
 def test_a_budget_above_every_width_is_warned_about_once(capsys, tmp_path) -> None:
     code, _, err = run_cli(capsys, *QUANTIZE, "--avg-bits", "99", "--out", tmp_path / "q")
     assert code == 0, err
-    warnings = [line for line in err.splitlines() if "allocation is trivial" in line]
+    warnings = [line for line in err.splitlines() if "widest width" in line]
     assert len(warnings) == 1 and "--avg-bits 99" in warnings[0]
