@@ -60,7 +60,7 @@ def test_out_that_is_a_file_does_not_advise_force(capsys, tmp_path, text_file, f
     target.write_text("my notes")
     before = snapshot(tmp_path)
     code, _, err = run_cli(capsys, *eval_args(text_file, target), *(["--force"] * force))
-    line = error_line(code, err, repr(str(target)), "existing file")
+    line = error_line(code, err, repr(str(target)), "exists and is a file")
     assert "--force" not in line
     assert snapshot(tmp_path) == before
 

@@ -273,7 +273,7 @@ def check_target(path: str | Path, force: bool = False) -> Path:
                 f"directory itself: give its real path {str(resolved)!r}"
             )
     if path.exists() and not path.is_dir():
-        raise OptlabError(f"--out {shown} is an existing file, not a run directory; "
+        raise OptlabError(f"--out {shown} exists and is a file, not a run directory; "
                           "choose another --out")  # fmt: skip
     if path.is_dir():
         if not (is_run_directory(path) or _is_empty_dir(path)):
