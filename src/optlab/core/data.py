@@ -26,6 +26,7 @@ import safetensors.torch
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from optlab.core.files import read_text_file
 from optlab.core.models import cache_dir
 from optlab.core.run import atomic_write
 from optlab.errors import OptlabError, did_you_mean
@@ -175,38 +176,6 @@ def code_text(max_chars: int = CODE_CHARS) -> str:
         parts.append(path.read_text(encoding="utf-8", errors="replace").strip())
         total += len(parts[-1])
     return "\n\n".join(parts)
-
-
-def read_text_file(
-    path: str | Path, what: str = "file", *, allow_empty: bool = False, encoding: str = "utf-8"
-) -> str:
-    """The text of a user's file, every way it can be unreadable turned into one line naming
-    it: missing, a folder, unreadable, not UTF-8 (with the byte offset), or empty (blank)
-    unless ``allow_empty``. ``what`` says what the file is for, e.g. ``"--forget file"``.
-
-    >>> read_text_file("notes.txt", "--corpus file")
-    """
-    path = Path(path).expanduser()
-    shown = repr(str(path))
-    if path.is_dir():
-        raise OptlabError(f"{what} {shown} is a folder, not a file")
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise OptlabError(f"{what} not found: {shown} (no such file)") from None
-    except OSError as err:
-        raise OptlabError(f"cannot read {what} {shown}: {err.strerror or err}") from None
-    try:
-        text = raw.decode(encoding)
-    except UnicodeDecodeError as err:
-        raise OptlabError(
-            f"{what} {shown} is not {encoding.upper()} text: byte 0x{raw[err.start]:02x} at "
-            f"offset {err.start} cannot be decoded (save it as UTF-8)"
-        ) from None
-    if not allow_empty and not text.strip():
-        raise OptlabError(f"{what} {shown} is empty")
-    # Newlines as text mode reads them: a file written on Windows parses the same.
-    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def read_jsonl(path: str | Path, what: str = "JSON Lines file") -> Iterator[tuple[int, Any]]:

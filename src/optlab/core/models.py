@@ -32,6 +32,7 @@ from transformers import (
 )
 
 from optlab.core import hooks
+from optlab.core.files import read_text_file
 from optlab.errors import OptlabError, did_you_mean
 
 log = logging.getLogger("optlab")
@@ -279,8 +280,6 @@ def _check_model_files(folder: Path) -> None:
     import json
 
     from safetensors import SafetensorError, safe_open
-
-    from optlab.core.data import read_text_file  # optlab.core.data imports this module
 
     for name in ("config.json", "quantization.json"):
         if (folder / name).exists():

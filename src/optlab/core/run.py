@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import yaml
 
+from optlab.core.files import read_text_file
 from optlab.errors import OptlabError
 
 log = logging.getLogger("optlab")
@@ -326,8 +327,6 @@ def clean_stale_partials(parent: str | Path) -> list[Path]:
 def read_run_config(folder: str | Path) -> dict[str, Any]:
     """A run's ``config.yaml`` as plain data. YAML tags that build Python objects are refused
     (``yaml.safe_load``), with one line naming the file."""
-    from optlab.core.data import read_text_file  # optlab.core.data imports this module
-
     path = Path(folder) / "config.yaml"
     text = read_text_file(path, "run config", allow_empty=True)
     try:
