@@ -28,6 +28,8 @@ def test_run_writes_the_standard_files(tmp_path) -> None:
 def test_existing_run_is_refused_without_force(tmp_path) -> None:
     target = tmp_path / "r"
     target.mkdir()
+    for name in ("env.json", "config.yaml"):  # an optlab run: --force could replace it
+        (target / name).write_text("{}")
     (target / "precious.txt").write_text("keep me")
     with pytest.raises(OptlabError, match="exists; pass --force"):
         Run(target, config={})

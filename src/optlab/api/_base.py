@@ -13,7 +13,7 @@ from optlab.core.calibration import Calibration
 from optlab.core.job import GIVEN, Job, Result, load_job, run_job
 from optlab.core.models import LoadedModel, load_model
 from optlab.core.run import execute
-from optlab.eval.scorer import context_length
+from optlab.eval.scorer import window_length
 from optlab.unlearning.scenarios import Scenario
 
 log = logging.getLogger("optlab")
@@ -54,10 +54,15 @@ def execute_job(job: Job, body: Any, out: str | Path | None, force: bool) -> Res
     return Result(metrics, path)
 
 
-def windows_of(lm: LoadedModel, calib: Calibration | torch.Tensor, seed: int) -> torch.Tensor:
+def windows_of(
+    lm: LoadedModel, calib: Calibration | torch.Tensor, seed: int, default: int | None = None
+) -> torch.Tensor:
+    """The calibration windows: a tensor as given, or a spec resolved against the model's
+    context (``default``: the command's documented length, capped to fit)."""
     if isinstance(calib, torch.Tensor):
         return calib
-    return calib.windows(lm.tokenizer, calib.seq_len or context_length(lm.model), seed)
+    seq_len = window_length(lm.model, calib.seq_len, default=default)
+    return calib.windows(lm.tokenizer, seq_len, seed)
 
 
 def data_record(data: Any) -> Any:

@@ -18,6 +18,7 @@ from optlab.core.models import LoadedModel, load_model
 from optlab.core.run import Run, peak_memory_gb
 from optlab.errors import OptlabError
 from optlab.eval.perplexity import PerplexityEval
+from optlab.eval.scorer import window_length
 from optlab.pruning import pruner
 from optlab.pruning.masks import save_sparse_model
 from optlab.pruning.pruner import PruneMethodConfig
@@ -65,7 +66,7 @@ def prune(
         batch = calib.batch_size if isinstance(calib, Calibration) else 8
         metrics = pruner.prune(lm, config, windows, batch_size=batch, progress=progress)
         log.info("sparsity %.4f in %.1f s", metrics["sparsity"]["total"], metrics["prune_seconds"])
-        seq_len = windows.shape[1] if windows is not None else None
+        seq_len = windows.shape[1] if windows is not None else getattr(calib, "seq_len", None)
         if evaluation is not None and evaluation.enabled:
             metrics["perplexity"] = evaluation.measure(lm, seq_len, progress)
         metrics.update(peak_memory_gb())
@@ -116,7 +117,8 @@ def quantize(
                eval=evaluation)  # fmt: skip
 
     def body(run: Run | None) -> dict[str, Any]:
-        seq_len = calib.shape[1] if isinstance(calib, torch.Tensor) else calib.seq_len
+        seq_len = calib.shape[1] if isinstance(calib, torch.Tensor) else window_length(
+            lm.model, calib.seq_len, default=QUANT_CALIB.seq_len)  # fmt: skip
         parameters = sum(p.numel() for p in lm.model.parameters())
         metrics: dict[str, Any] = {"fp16_bytes": 2 * parameters}
         measure = evaluation is not None and evaluation.enabled
@@ -125,7 +127,7 @@ def quantize(
         windows = None
         if quant.needs_windows(allocation, sensitivity, quantizer):
             batch = calib.batch_size if isinstance(calib, Calibration) else 8
-            windows = batched(windows_of(lm, calib, seed), batch)
+            windows = batched(windows_of(lm, calib, seed, QUANT_CALIB.seq_len), batch)
         settings = quant.score_settings(sensitivity, allocation, quantizer, calib, seed, lm.spec)
         scores = None
         if sensitivity.scores_from is not None:
@@ -194,6 +196,9 @@ def retrain(
             dense = load_model(str(dense), seed=source_config.get("seed", 0))
     else:
         lm = model
+    # The job records the window really used: PERP's default 512 capped at a short context.
+    config = replace(config, seq_len=window_length(lm.model, config.seq_len,
+                                                   default=PerpConfig.seq_len))  # fmt: skip
     if config.method == "reconstruct" and dense is None:
         raise OptlabError("reconstruct needs the dense model: pass dense=")
     dense_lm = None if dense is None else resolve_model(dense)

@@ -12,8 +12,7 @@ from optlab.core.anatomy import Anatomy, weight_matrix
 from optlab.core.job import Result
 from optlab.core.models import LoadedModel
 from optlab.core.run import Run
-from optlab.errors import OptlabError
-from optlab.eval.scorer import Scorer, context_length
+from optlab.eval.scorer import Scorer, context_length, window_length
 from optlab.eval.tasks import TaskEval, run_tasks
 
 log = logging.getLogger("optlab")
@@ -69,10 +68,8 @@ def evaluate(
     if not isinstance(tasks, TaskEval):
         tasks = TaskEval(tuple(tasks), limit=limit, seq_len=seq_len, batch_size=batch_size)
     lm = resolve_model(model)
-    native = context_length_native(lm)
-    if tasks.seq_len is not None and native is not None and tasks.seq_len > native:
-        raise OptlabError(f"--seq-len {tasks.seq_len} exceeds the model's context length "
-                          f"{native}")  # fmt: skip
+    if tasks.seq_len is not None:
+        window_length(lm.model, tasks.seq_len)  # refuses a window past the context
     job = job_of("eval", lm, seed, tasks=tasks)
 
     def body(run: Run | None) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from optlab.core.config import configurable, option
+from optlab.core.data import read_text_file
 from optlab.errors import OptlabError
 
 GRAPH_FORMAT = "optlab-domain-graph/1"
@@ -197,9 +198,7 @@ class DomainGraph:
     def load(cls, path: str | Path) -> DomainGraph:
         path = Path(path)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise OptlabError(f"graph file not found: {path}") from None
+            data = json.loads(read_text_file(path, "graph file"))
         except json.JSONDecodeError as err:
             raise OptlabError(f"{path}: not valid JSON ({err.msg})") from None
         try:
@@ -345,20 +344,18 @@ def graph_from_files(
     paths = {"corpus": Path(corpus), "entity list": Path(entities)}
     if aliases is not None:
         paths["alias map"] = Path(aliases)
-    for what, path in paths.items():
-        if not path.is_file():
-            raise OptlabError(f"{what} not found: {path}")
-    text = paths["corpus"].read_text(encoding="utf-8")
+    texts = {what: read_text_file(path, what) for what, path in paths.items()}
+    text = texts["corpus"]
     try:
         splitter = re.compile(unit_regex or r"\n\s*\n", re.MULTILINE)
     except re.error as err:
         raise OptlabError(f"bad --unit-regex {unit_regex!r}: {err}") from None
     units = [u for u in splitter.split(text) if u.strip()]
-    names = [n.strip() for n in paths["entity list"].read_text("utf-8").splitlines() if n.strip()]
+    names = [n.strip() for n in texts["entity list"].splitlines() if n.strip()]
     alias_map: dict[str, list[str]] = {}
     if aliases is not None:
         try:
-            alias_map = json.loads(paths["alias map"].read_text(encoding="utf-8"))
+            alias_map = json.loads(texts["alias map"])
         except json.JSONDecodeError as err:
             raise OptlabError(f"{aliases}: not valid JSON ({err.msg})") from None
         if not isinstance(alias_map, dict) or not all(

@@ -24,7 +24,7 @@ from importlib import resources
 from pathlib import Path
 
 from optlab.audit.graph import DomainGraph
-from optlab.core.data import read_jsonl
+from optlab.core.data import read_jsonl, read_text_file
 from optlab.errors import OptlabError
 
 FRAMINGS = ("plain", "emotional", "logical", "authority")
@@ -73,7 +73,8 @@ class TemplateLibrary:
             path = Path(folder)
             if not path.is_dir():
                 raise OptlabError(f"template folder not found: {path}")
-            files |= {p.name: p.read_text("utf-8") for p in sorted(path.glob("*.txt"))}
+            files |= {p.name: read_text_file(p, "template file", allow_empty=True)
+                      for p in sorted(path.glob("*.txt"))}  # fmt: skip
         suffix = " ".join(_lines(files.pop("suffix.txt", "")))
         templates = {name.removesuffix(".txt"): _lines(text) for name, text in files.items()}
         for name, lines in templates.items():
@@ -134,12 +135,10 @@ def load_prompts(path: str | Path) -> tuple[list[Fact], list[Probe]]:
     """Prompts written elsewhere: JSONL with ``question``, ``answer``, ``framing`` and
     ``prompt`` (optional ``subject``) per line; lines of one question form one fact."""
     path = Path(path)
-    if not path.is_file():
-        raise OptlabError(f"prompt file not found: {path}")
     facts: dict[tuple[str, str], int] = {}
     fact_list: list[Fact] = []
     probes = []
-    for number, obj in read_jsonl(path):
+    for number, obj in read_jsonl(path, "prompt file"):
         try:
             key = (str(obj["question"]), str(obj["answer"]))
             framing, prompt = str(obj["framing"]), str(obj["prompt"])
@@ -167,10 +166,8 @@ def load_facts(source: str | Path, graph: DomainGraph | None = None) -> list[Fac
             raise OptlabError(f"{path} is a folder without forget.jsonl; pass an unlearning run "
                               "or a .jsonl file of questions and answers")  # fmt: skip
         path = path / "forget.jsonl"
-    if not path.is_file():
-        raise OptlabError(f"forgotten facts not found: {path}")
     facts = []
-    for _, obj in read_jsonl(path):
+    for _, obj in read_jsonl(path, "forgotten facts"):
         if not isinstance(obj, dict) or "question" not in obj or "answer" not in obj:
             continue  # documents ({"text"}) have no question to probe
         subject = obj.get("subject") or ""

@@ -15,6 +15,7 @@ method is best by a score weighted by each metric's reliability. Steps 1-6 of th
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import logging
 import math
@@ -28,6 +29,7 @@ import numpy as np
 from scipy import stats
 
 from optlab.core.config import configurable, option, require
+from optlab.core.data import read_text_file
 from optlab.errors import OptlabError
 
 log = logging.getLogger("optlab")
@@ -69,18 +71,16 @@ class RunTable:
 def load_runs(path: str | Path) -> RunTable:
     """Read and check a runs table; every problem is an :class:`OptlabError` naming it."""
     path = Path(path)
-    if not path.is_file():
-        raise OptlabError(f"runs table not found: {path}")
-    with path.open(newline="", encoding="utf-8-sig") as handle:  # tolerate a spreadsheet's BOM
-        reader = csv.DictReader(handle)
-        header = reader.fieldnames or []
-        missing = [c for c in COLUMNS if c not in header]
-        if missing:
-            raise OptlabError(
-                f"{path}: missing column(s) {', '.join(missing)}; a runs table needs "
-                f"{','.join(COLUMNS)}"
-            )
-        rows = list(reader)
+    text = read_text_file(path, "runs table", encoding="utf-8-sig")  # a spreadsheet's BOM
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    header = reader.fieldnames or []
+    missing = [c for c in COLUMNS if c not in header]
+    if missing:
+        raise OptlabError(
+            f"{path}: missing column(s) {', '.join(missing)}; a runs table needs "
+            f"{','.join(COLUMNS)}"
+        )
+    rows = list(reader)
     return runs_from_rows(rows, source=str(path))
 
 
@@ -414,7 +414,7 @@ def save_reliability(run_dir: Path, result: dict[str, Any], runs_csv: str | Path
     """Write a copy of the table, ``report.md`` and the three plots into a staged run."""
     from optlab.audit import plots
 
-    (run_dir / "runs.csv").write_text(Path(runs_csv).read_text(encoding="utf-8"), "utf-8")
+    (run_dir / "runs.csv").write_text(read_text_file(runs_csv, "runs table"), "utf-8")
     (run_dir / "report.md").write_text(reliability_report(result, str(runs_csv)), "utf-8")
     (run_dir / "tau_heatmap.png").write_bytes(plots.heatmap(
         tau_matrix(result["group_tau"]), METRICS, "Mean per-group Kendall tau"))  # fmt: skip

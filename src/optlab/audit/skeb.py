@@ -285,6 +285,13 @@ class SkebConfig:
         if "{prompt}" not in self.prompt_template:
             raise OptlabError(f"--format must be qa, raw or a string with {{prompt}}, got "
                               f"{self.prompt_format!r}")  # fmt: skip
+        try:  # other fields or stray braces would fail only once every model has loaded
+            self.prompt_template.format(prompt="")
+        except (KeyError, IndexError, ValueError) as err:
+            raise OptlabError(
+                f"--format {self.prompt_format!r} is not a valid template ({err}): only "
+                "{prompt} may stand in braces; write {{ and }} for literal ones"
+            ) from None
 
     @property
     def prompt_template(self) -> str:

@@ -26,6 +26,7 @@ import safetensors.torch
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from optlab.core.files import read_text_file
 from optlab.core.models import cache_dir
 from optlab.core.run import atomic_write
 from optlab.errors import OptlabError, did_you_mean
@@ -177,10 +178,10 @@ def code_text(max_chars: int = CODE_CHARS) -> str:
     return "\n\n".join(parts)
 
 
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
+def read_jsonl(path: str | Path, what: str = "JSON Lines file") -> Iterator[tuple[int, Any]]:
     """(line number, parsed object) for each non-blank line of a JSON Lines file; a line that
     is not JSON is named in the error. Callers check the fields they need."""
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(read_text_file(path, what).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -214,12 +215,12 @@ def load_text(name: str) -> str:
         return code_text()
     path = Path(name).expanduser()
     if path.suffix in (".txt", ".jsonl") or path.exists():
-        if not path.is_file():
-            raise OptlabError(f"text file not found: {path}")
         if path.suffix == ".jsonl":
             return _jsonl_text(path)
         if path.suffix == ".txt":
-            return path.read_text(encoding="utf-8")
+            return read_text_file(path, "text file")
+        if path.is_dir():
+            raise OptlabError(f"text file {str(path)!r} is a folder, not a file")
         raise OptlabError(f"unsupported text file {path}: use .txt or .jsonl")
     hint = "Or pass a local .txt or .jsonl file."
     raise OptlabError(f"{did_you_mean('corpus', name, CORPORA)} {hint}")

@@ -32,6 +32,7 @@ from transformers import (
 )
 
 from optlab.core import hooks
+from optlab.core.files import read_text_file
 from optlab.errors import OptlabError, did_you_mean
 
 log = logging.getLogger("optlab")
@@ -220,7 +221,42 @@ def load_model(
     if placement is None:  # a dispatched model stays where accelerate put it
         model.to(torch_device)
     model.eval()
+    bad = check_finite_weights(model)
+    if bad:
+        log.warning("model %s has NaN or infinite values in %d tensor(s): %s; its numbers "
+                    "will be wrong", spec, len(bad), _some(bad))  # fmt: skip
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, seed=seed)
+
+
+def check_finite_weights(model: nn.Module) -> list[str]:
+    """Names of the floating-point tensors (parameters and buffers) holding NaN or infinity.
+
+    >>> check_finite_weights(load_model("tiny:opt").model)
+    []
+    """
+    bad, seen = [], set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if not tensor.is_floating_point() or tensor.is_meta or tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())  # tied weights once
+        if not bool(torch.isfinite(tensor.detach()).all()):
+            bad.append(name)
+    return bad
+
+
+def require_finite_weights(model: nn.Module, command: str) -> None:
+    """Refuse to ``command`` a model with NaN or infinite weights: its scores (and so its
+    masks, bit widths, ...) would be silently wrong."""
+    bad = check_finite_weights(model)
+    if bad:
+        raise OptlabError(
+            f"cannot {command} a model with NaN or infinite weights "
+            f"({len(bad)} tensor(s): {_some(bad)}); repair or re-export it"
+        )
+
+
+def _some(names: list[str], k: int = 3) -> str:
+    return ", ".join(names[:k]) + (f" and {len(names) - k} more" if len(names) > k else "")
 
 
 def _local_or_hub(spec: str) -> str:
@@ -231,10 +267,46 @@ def _local_or_hub(spec: str) -> str:
             path = path / "model"
         if not (path / "config.json").exists():
             raise OptlabError(f"{spec!r} is a folder but holds no model (no config.json)")
+        _check_model_files(path)
         return str(path)
     if path.exists():
         raise OptlabError(f"{spec!r} is a file; a model is a folder, a hub id or a spec")
     return spec  # a hub id: from_pretrained reaches the hub (or its local cache)
+
+
+def _check_model_files(folder: Path) -> None:
+    """Fail with one line naming the file when a model folder's config, quantization manifest
+    or safetensors weights are damaged, before a loader (ours or transformers') trips on it."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    for name in ("config.json", "quantization.json"):
+        if (folder / name).exists():
+            try:
+                parsed = json.loads(read_text_file(folder / name, "model file"))
+            except json.JSONDecodeError as err:
+                raise OptlabError(
+                    f"{folder / name} is not valid JSON ({err.msg}, line "
+                    f"{err.lineno}): the model folder is damaged"
+                ) from None
+            if not isinstance(parsed, dict):
+                raise OptlabError(f"{folder / name} holds a {type(parsed).__name__}, not an object")
+            if name == "config.json" and "model_type" not in parsed:
+                raise OptlabError(f"cannot load model {str(folder)!r}: its config.json names no "
+                                  "model_type (not a Hugging Face model config)")  # fmt: skip
+    weights = sorted(folder.glob("*.safetensors"))
+    # A plain folder without weights is left to from_pretrained, after the causal-LM check.
+    if not weights and (folder / "quantization.json").exists():
+        raise OptlabError(f"{str(folder)!r} holds no safetensors weights (model.safetensors); "
+                          "optlab reads safetensors only")  # fmt: skip
+    for path in weights:
+        try:
+            with safe_open(str(path), "pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as err:
+            raise OptlabError(f"weights file {path} is damaged or not safetensors: "
+                              f"{_first_line(err)}") from None  # fmt: skip
 
 
 def _from_folder(
@@ -273,7 +345,14 @@ def _from_folder(
         raise OptlabError(
             f"cannot load weights of {source!r}: {_first_line(err)} (optlab reads safetensors only)"
         ) from err
-    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+    except Exception as err:  # a damaged folder breaks transformers in many ways; name it
+        raise OptlabError(f"cannot load weights of {source!r}: {type(err).__name__}: "
+                          f"{_first_line(err)}") from err  # fmt: skip
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+    except Exception as err:
+        raise OptlabError(f"cannot load the tokenizer of {source!r}: {type(err).__name__}: "
+                          f"{_first_line(err)}") from err  # fmt: skip
     return model, tokenizer
 
 

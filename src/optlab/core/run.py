@@ -2,16 +2,22 @@
 
 A run is written in a hidden staging folder beside its target and moved into place only when
 it finishes, so a failed or interrupted command never leaves half a run, and an existing run
-is replaced (with ``force``) only by a complete new one.
+is replaced (with ``force``) only by a complete new one. Nothing but a run is ever replaced:
+``--force`` refuses folders that lack a run's ``env.json`` and ``config.yaml``, and the final
+move is an atomic rename that fails, rather than replaces, when the target appeared meanwhile.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
 import json
 import logging
 import os
 import platform
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -27,6 +33,7 @@ import numpy as np
 import torch
 import yaml
 
+from optlab.core.files import read_text_file
 from optlab.errors import OptlabError
 
 log = logging.getLogger("optlab")
@@ -116,16 +123,6 @@ def rank_run_path(out: str | Path) -> Path:
     return Path(scratch) / Path(out).name
 
 
-def check_target(path: str | Path, force: bool) -> None:
-    """Refuse an output path before any work when writing a run there would replace something
-    (or could not replace it): the one "exists; pass --force" check of every command."""
-    path = Path(path)
-    if path.exists() and not force:
-        raise OptlabError(f"run directory {str(path)!r} exists; pass --force to replace it")
-    if path.exists() and not path.is_dir():
-        raise OptlabError(f"{str(path)!r} exists and is not a directory")
-
-
 class Run:
     """A run directory: ``config.yaml``, ``env.json``, ``metrics.json``, ``log.txt``, artefacts.
 
@@ -145,12 +142,18 @@ class Run:
         dtype: str = "float32",
         force: bool = False,
     ) -> None:
-        self.path = Path(path)
-        check_target(self.path, force)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.dir = Path(
-            tempfile.mkdtemp(prefix=f".{self.path.name}.partial-", dir=self.path.parent)
-        )
+        self.path = check_target(path, force)
+        self.force = force
+        _warn_stale_partials(self.path.parent)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # The pid in the name tells a later run whether this folder's owner is still alive.
+            self.dir = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.partial-{os.getpid()}-",
+                                             dir=self.path.parent))  # fmt: skip
+        except OSError as err:
+            raise OptlabError(
+                f"cannot create run directory {str(self.path)!r}: {err.strerror or err}"
+            ) from None
         self.metrics: dict[str, Any] = {}
         self._handler = logging.FileHandler(self.dir / "log.txt", encoding="utf-8")
         self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -173,15 +176,31 @@ class Run:
         self.save_json("metrics.json", self.metrics)
 
     def finish(self) -> Path:
-        """Move the complete run into place (replacing an old one only now)."""
+        """Move the complete run into place (replacing an old one only now, and only with
+        ``force``). A target that appeared while the run worked, e.g. written by the same
+        command started twice, is never replaced without ``force``: the run is dropped and
+        an :class:`OptlabError` says so."""
         self._close_log()
-        if self.path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.old-", dir=self.path.parent))
-            os.replace(self.path, old / "run")
-            os.replace(self.dir, self.path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.dir, self.path)
+        shown = repr(str(self.path))
+        try:
+            if self.force and os.path.lexists(self.path):
+                if not (is_run_directory(self.path) or _is_empty_dir(self.path)):
+                    raise OptlabError(
+                        f"{shown} was replaced by something that is not an optlab "
+                        "run while this run worked; this run was not written"
+                    )
+                _swap_into_place(self.dir, self.path)
+            else:
+                _rename_no_replace(self.dir, self.path)
+        except FileExistsError:
+            self.abort()
+            raise OptlabError(
+                f"run directory {shown} appeared while this run worked (the same command "
+                "running twice?); this run was not written. Pass --force to replace it"
+            ) from None
+        except OptlabError:
+            self.abort()
+            raise
         self._finished = True
         return self.path
 
@@ -208,6 +227,221 @@ class Run:
                 self.finish()
         else:
             self.abort()
+
+
+RUN_FILES = ("env.json", "config.yaml")  # what every optlab run holds, and other folders lack
+_PARTIAL = re.compile(r"^\.(?P<name>.+)\.partial-(?P<pid>\d+)-")
+_AT_FDCWD, _RENAME_NOREPLACE, _RENAME_EXCHANGE = -100, 1, 2
+
+
+def is_run_directory(path: str | Path) -> bool:
+    """Whether ``path`` is a run optlab wrote (it holds ``env.json`` and ``config.yaml``)."""
+    path = Path(path)
+    return path.is_dir() and all((path / name).is_file() for name in RUN_FILES)
+
+
+def check_target(path: str | Path, force: bool = False) -> Path:
+    """The one output check of every command, before any work: refuse a path that could
+    lose data or cannot be written, with one line naming it; return it as a :class:`Path`.
+    Refused: the current directory and any folder above it, the home directory, a filesystem
+    root, a dangling symbolic link, an existing file, an existing folder that is not an
+    optlab run (even with ``force``), an existing run without ``force``, and a path whose
+    parent is a file or is not writable.
+
+    >>> check_target("runs/w50", force=True)
+    PosixPath('runs/w50')
+    """
+    path = Path(path)
+    shown = repr(str(path))
+    resolved = path.expanduser().resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise OptlabError(f"--out {shown} is the current directory or a folder above it; "
+                          "give a new folder for the run, e.g. runs/NAME")  # fmt: skip
+    if resolved.parent == resolved:
+        raise OptlabError(f"--out {shown} is a filesystem root; give a folder, e.g. runs/NAME")
+    if resolved == Path.home().resolve():
+        raise OptlabError(f"--out {shown} is the home directory; give a folder, e.g. runs/NAME")
+    if path.is_symlink():
+        if not path.exists():
+            raise OptlabError(
+                f"--out {shown} is a symbolic link to {os.readlink(path)!r}, "
+                "which does not exist; remove the link or choose another --out"
+            )
+        if force:
+            raise OptlabError(
+                f"--out {shown} is a symbolic link; --force replaces only a run "
+                f"directory itself: give its real path {str(resolved)!r}"
+            )
+    if path.exists() and not path.is_dir():
+        raise OptlabError(f"--out {shown} exists and is a file, not a run directory; "
+                          "choose another --out")  # fmt: skip
+    if path.is_dir():
+        if not (is_run_directory(path) or _is_empty_dir(path)):
+            raise OptlabError(
+                f"--out {shown} exists and is not an optlab run (no env.json and "
+                "config.yaml), so it is never replaced; choose another --out"
+            )
+        if not force:
+            raise OptlabError(f"run directory {shown} exists; pass --force to replace it")
+        return path
+    anchor = path.parent
+    while not anchor.exists() and anchor != anchor.parent:
+        anchor = anchor.parent
+    if not anchor.is_dir():
+        raise OptlabError(f"cannot create --out {shown}: {str(anchor)!r} is a file, not a folder")
+    if not os.access(anchor, os.W_OK | os.X_OK):
+        raise OptlabError(f"cannot create --out {shown}: no permission to write in "
+                          f"{str(anchor)!r}")  # fmt: skip
+    return path
+
+
+def stale_partials(parent: str | Path) -> list[Path]:
+    """Staging folders in ``parent`` whose process is gone (killed before it could clean up,
+    e.g. by SIGKILL or a power cut): their pid, recorded in the name, no longer runs."""
+    parent = Path(parent)
+    if os.name != "posix" or not parent.is_dir():
+        return []  # no signal-0 probe elsewhere (os.kill on Windows terminates)
+    found = []
+    for child in sorted(parent.iterdir()):
+        match = _PARTIAL.match(child.name)
+        if match and child.is_dir() and not _pid_alive(int(match["pid"])):
+            found.append(child)
+    return found
+
+
+def clean_stale_partials(parent: str | Path) -> list[Path]:
+    """Remove the staging folders of dead runs in ``parent``; return those removed.
+
+    >>> clean_stale_partials("runs")
+    [PosixPath('runs/.w50.partial-4242-k2j1')]
+    """
+    removed = []
+    for folder in stale_partials(parent):
+        shutil.rmtree(folder, ignore_errors=True)
+        if not folder.exists():
+            removed.append(folder)
+    return removed
+
+
+def read_run_config(folder: str | Path) -> dict[str, Any]:
+    """A run's ``config.yaml`` as plain data. YAML tags that build Python objects are refused
+    (``yaml.safe_load``), with one line naming the file."""
+    path = Path(folder) / "config.yaml"
+    text = read_text_file(path, "run config", allow_empty=True)
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or _first_line(err)
+        raise OptlabError(f"{path} is not a plain YAML run config ({problem}); optlab never "
+                          "loads Python tags such as !!python/object") from None  # fmt: skip
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise OptlabError(f"{path} holds a {type(config).__name__}, not a run config mapping")
+    return config
+
+
+def require_run_kind(path: str | Path, kinds: set[str], what: str) -> dict[str, Any]:
+    """The config of the run at ``path``, refused unless an optlab command in ``kinds`` wrote
+    it (its ``config.yaml`` names the command). ``what`` is the command asking.
+
+    >>> require_run_kind("runs/w50", {"prune", "retrain"}, "retrain")
+    {'command': 'prune', 'model': 'default', ...}
+    """
+    wanted = " or ".join(sorted(kinds))
+    if not is_run_directory(path):
+        raise OptlabError(f"{what} needs a {wanted} run directory; {str(path)!r} is not a run "
+                          "directory (no env.json and config.yaml)")  # fmt: skip
+    config = read_run_config(path)
+    kind = config.get("command")
+    if kind not in kinds:
+        raise OptlabError(f"{what} needs a {wanted} run; {str(path)!r} is "
+                          f"{'a ' + repr(kind) if kind else 'an unnamed'} run")  # fmt: skip
+    return config
+
+
+def _is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, owned by someone else
+    return True
+
+
+def _warn_stale_partials(parent: Path) -> None:
+    stale = stale_partials(parent)
+    if stale:
+        names = ", ".join(p.name for p in stale[:3]) + (" ..." if len(stale) > 3 else "")
+        log.warning("%d staging folder(s) of runs that died in %s: %s; remove them with "
+                    "optlab.core.run.clean_stale_partials(%r)", len(stale), parent, names,
+                    str(parent))  # fmt: skip
+
+
+@functools.cache
+def _renameat2() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # glibc >= 2.28
+    except OSError:
+        return None
+
+
+def _try_renameat2(source: Path, target: Path, flags: int) -> bool:
+    """``renameat2(2)``; False when the system or filesystem lacks it (the caller falls back),
+    an :class:`OSError` (``FileExistsError`` for a taken target) when it refuses."""
+    call = _renameat2()
+    if call is None:
+        return False
+    done = call(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), flags)
+    if done == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(target))
+
+
+def _rename_no_replace(source: Path, target: Path) -> None:
+    """Move ``source`` to ``target`` atomically, failing with ``FileExistsError`` if the target
+    exists. Fallback: POSIX ``rename`` of a folder fails on a non-empty folder or a file, so
+    only an empty folder created in the instant between the check and the rename is lost."""
+    if _try_renameat2(source, target, _RENAME_NOREPLACE):
+        return
+    if os.path.lexists(target):
+        raise FileExistsError(errno.EEXIST, "exists", str(target))
+    try:
+        os.rename(source, target)
+    except OSError as err:
+        if err.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            raise FileExistsError(errno.EEXIST, "exists", str(target)) from None
+        raise
+
+
+def _swap_into_place(source: Path, target: Path) -> None:
+    """Replace the run at ``target`` by ``source``: one atomic exchange where the system has
+    it (no instant without a run at ``target``), else two renames; then drop the old run."""
+    if _try_renameat2(source, target, _RENAME_EXCHANGE):
+        shutil.rmtree(source, ignore_errors=True)  # the old run, now at the staging path
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.replace(target, old / "run")
+    os.replace(source, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _json_default(value: Any) -> Any:

@@ -10,7 +10,7 @@ from typing import Any
 from optlab.core.config import configurable, option, require_positive
 from optlab.core.data import load_text, token_windows
 from optlab.core.models import LoadedModel
-from optlab.eval.scorer import Scorer
+from optlab.eval.scorer import Scorer, context_length, window_length
 
 log = logging.getLogger("optlab")
 
@@ -28,29 +28,48 @@ class Perplexity:
 
 
 def perplexity(
-    scorer: Scorer, text: str, *, seq_len: int | None = None, limit: int | None = None
+    scorer: Scorer,
+    text: str,
+    *,
+    seq_len: int | None = None,
+    limit: int | None = None,
+    what: str = "--seq-len",
 ) -> Perplexity:
     """Split ``text`` into consecutive windows of ``seq_len`` tokens (the scorer's context by
     default; the remainder is dropped), score every token after the first of each window, and
-    return exp(mean NLL). ``limit`` keeps only the first windows, for quick looks.
+    return exp(mean NLL). ``limit`` keeps only the first windows, for quick looks. A window
+    longer than the model's context is refused (:func:`window_length`; ``what`` names the
+    option in the error).
 
     This is the WikiText protocol of the pruning and quantization papers.
     """
-    seq_len = seq_len or scorer.max_length
+    if seq_len is None:
+        seq_len = min(scorer.max_length, context_length(scorer.model))
+    seq_len = window_length(scorer.model, seq_len, what=what)
     windows = token_windows(scorer.tokenizer, text, seq_len, limit=limit)
     requests = [(window.tolist(), seq_len - 1) for window in windows]
     logprob = sum(lp for lp, _ in scorer.score_tokens(requests, desc="perplexity"))
-    tokens = len(requests) * (seq_len - 1)
+    tokens = sum(n for _, n in requests)  # score_tokens scores exactly these, or refuses
     nll = -logprob / tokens
     return Perplexity(math.exp(nll), nll, tokens, len(requests), seq_len)
 
 
 def wiki_perplexity(
-    lm: LoadedModel, seq_len: int | None = None, limit: int | None = None, progress: bool = True
+    lm: LoadedModel,
+    seq_len: int | None = None,
+    limit: int | None = None,
+    progress: bool = True,
+    *,
+    what: str = "--eval-seq-len",
+    default: int | None = None,
 ) -> dict[str, Any]:
-    """Perplexity on the held-out Wikipedia text (``wiki:eval``), as every method reports it."""
-    result = perplexity(Scorer(lm, progress=progress), load_text("wiki:eval"), seq_len=seq_len,
-                        limit=limit).to_dict()  # fmt: skip
+    """Perplexity on the held-out Wikipedia text (``wiki:eval``), as every method reports it.
+    ``seq_len`` goes through :func:`window_length` (``default``: the calling command's
+    documented default, capped at the context rather than refused)."""
+    seq_len = window_length(lm.model, seq_len, what=what, default=default)
+    scorer = Scorer(lm, progress=progress, max_length=seq_len)
+    result = perplexity(scorer, load_text("wiki:eval"), seq_len=seq_len, limit=limit,
+                        what=what).to_dict()  # fmt: skip
     log.info("wiki:eval perplexity %.3f (%d x %d tokens)", result["perplexity"],
              result["windows"], result["seq_len"])  # fmt: skip
     return result
@@ -74,4 +93,6 @@ class PerplexityEval:
         """The perplexity dict, or None when disabled; ``seq_len`` is the command's default."""
         if not self.enabled:
             return None
-        return wiki_perplexity(lm, self.seq_len or seq_len, self.limit, progress)
+        if self.seq_len is not None:
+            return wiki_perplexity(lm, self.seq_len, self.limit, progress, what="--eval-seq-len")
+        return wiki_perplexity(lm, seq_len, self.limit, progress, what="--seq-len")

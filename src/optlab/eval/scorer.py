@@ -8,6 +8,7 @@ retrieval scoring are all built on them.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -15,14 +16,54 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from optlab.core.models import LoadedModel
+from optlab.errors import OptlabError
+
+log = logging.getLogger("optlab")
 
 MAX_CONTEXT = 2048  # the papers' context length; longer native contexts are capped for speed
 
 
-def context_length(model: torch.nn.Module) -> int:
+def native_context(model: torch.nn.Module) -> int | None:
+    """The most positions the model was built for (None when its config does not say)."""
     config = model.config
-    native = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 0)
-    return min(native or MAX_CONTEXT, MAX_CONTEXT)
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def context_length(model: torch.nn.Module) -> int:
+    """The default window: the native context, capped at ``MAX_CONTEXT``."""
+    return min(native_context(model) or MAX_CONTEXT, MAX_CONTEXT)
+
+
+def window_length(
+    model: torch.nn.Module,
+    requested: int | None,
+    *,
+    what: str = "--seq-len",
+    default: int | None = None,
+) -> int:
+    """The token window a command really uses, checked once for every command.
+
+    An explicit length beyond the model's native context is an error naming both numbers (a
+    model cannot attend past its positions, and a silently shorter window would give a wrong
+    figure). No length, or the command's documented ``default`` (the CLI cannot tell an
+    omitted flag from its default value), is capped at the context (and ``MAX_CONTEXT``).
+
+    >>> window_length(load_model("tiny:opt").model, None)          # the context: 256
+    >>> window_length(load_model("tiny:opt").model, 512, default=512)  # capped: 256
+    >>> window_length(load_model("tiny:opt").model, 5000)          # OptlabError
+    """
+    if requested is not None and requested < 1:
+        raise OptlabError(f"{what} must be a positive number of tokens, got {requested}")
+    if requested is None or requested == default:
+        cap = context_length(model)
+        if requested is not None and requested > cap:
+            log.debug("%s %d is more than the model's context: using %d", what, requested, cap)
+        return cap if requested is None else min(requested, cap)
+    native = native_context(model)
+    if native is not None and requested > native:
+        raise OptlabError(f"{what} {requested} exceeds the model's context length {native}; "
+                          f"give at most {native} tokens")  # fmt: skip
+    return requested
 
 
 class Scorer:
@@ -99,7 +140,15 @@ class Scorer:
     ) -> list[tuple[float, bool]]:
         """The core: for (tokens, n) pairs, the summed log-probability of the last n tokens
         given the ones before, and whether each of those tokens is the argmax. Sequences longer
-        than ``max_length + 1`` are truncated from the left."""
+        than ``max_length + 1`` are truncated from the left; asking for more scored tokens than
+        that window (or the sequence) holds is an error, never a silently shorter sum that a
+        caller would divide by the wrong count."""
+        for tokens, n in requests:
+            if not 1 <= n <= min(len(tokens) - 1, self.max_length):
+                raise OptlabError(
+                    f"cannot score {n} tokens of a {len(tokens)}-token sequence in a window of "
+                    f"{self.max_length} tokens: give shorter texts or a longer window"
+                )
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         # Longest first: batches of similar length waste little padding.
         order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]))
@@ -117,7 +166,7 @@ class Scorer:
                 input_ids=inputs.to(self.device), attention_mask=mask.to(self.device)
             ).logits.float()
             for r, (i, row) in enumerate(zip(batch, rows, strict=True)):
-                n = min(requests[i][1], len(row) - 1)
+                n = requests[i][1]  # fits the row: checked above
                 positions = slice(len(row) - 1 - n, len(row) - 1)
                 targets = torch.tensor(row[-n:], device=logits.device)
                 logprobs = F.log_softmax(logits[r, positions], dim=-1)
@@ -137,11 +186,18 @@ class Scorer:
         """Greedy continuations of each prompt, cut before the first stop string in ``until``."""
         outputs: list[str] = []
         tok = self.tokenizer
+        # Prompt and new tokens share the positions: the prompt keeps its last `room` tokens.
+        context = min(self.max_length, native_context(self.model) or self.max_length)
+        room = context - max_new_tokens
+        if max_new_tokens < 1 or room < 1:
+            raise OptlabError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in "
+                              f"the model's context of {context} tokens; give 1 to "
+                              f"{context - 1}")  # fmt: skip
         batches = [
             prompts[i : i + self.batch_size] for i in range(0, len(prompts), self.batch_size)
         ]
         for batch in tqdm(batches, desc="generate", disable=not self.progress or None, leave=False):
-            encoded = [self.encode(p)[-(self.max_length - max_new_tokens) :] for p in batch]
+            encoded = [self.encode(p)[-room:] for p in batch]
             width = max(len(e) for e in encoded)
             pad = tok.pad_token_id if tok.pad_token_id is not None else 0
             # Left padding, so every prompt ends where generation starts.

@@ -147,6 +147,8 @@ def get_task(name: str) -> Task:
         return PREFIXES.get(kind)(target)
     if name not in TASKS and kind in ("ppl", "mc") and ("/" in target or "." in target):
         path = Path(target).expanduser()
+        if path.is_dir():
+            raise OptlabError(f"task {name!r}: {target!r} is a folder, not a file")
         if not path.is_file():
             raise OptlabError(f"task {name!r}: no such file {target!r}")
         if kind == "ppl":

@@ -18,7 +18,7 @@ import torch
 from optlab.core.anatomy import Anatomy, weight_matrix
 from optlab.core.config import METHODS, configurable, option, require, require_positive
 from optlab.core.layerwise import BlockContext, batched, run_layerwise
-from optlab.core.models import LoadedModel
+from optlab.core.models import LoadedModel, require_finite_weights
 from optlab.core.stats import Hessian, InputNorms, InputStatistic, record_inputs
 from optlab.errors import OptlabError
 from optlab.pruning.masks import Pattern, keep_mask, sparsity_report
@@ -150,6 +150,7 @@ def prune(
     """
     rule, pattern = _rule(config), config.target()
     model = lm.model
+    require_finite_weights(model, "prune")  # NaN scores would make a wrong mask
     anatomy = Anatomy.of(model)
     start = time.perf_counter()
     if rule.statistic is None:

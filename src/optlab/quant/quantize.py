@@ -30,7 +30,7 @@ from optlab.core.config import (
     require_finite,
     require_positive,
 )
-from optlab.core.models import LoadedModel
+from optlab.core.models import LoadedModel, require_finite_weights
 from optlab.errors import OptlabError, did_you_mean
 from optlab.quant.allocate import (
     allocate_budget,
@@ -404,6 +404,7 @@ def quantize(
     quantizer = quantizer or RTNConfig()
     storage = storage or StorageConfig()
     model = lm.model
+    require_finite_weights(model, "quantize")  # NaN sensitivities would misallocate bits
     start = time.perf_counter()
     units = sensitivity_units(model, sensitivity.granularity)
     if scores is None and not isinstance(allocation, UniformConfig):

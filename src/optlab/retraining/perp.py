@@ -51,6 +51,7 @@ from optlab.core.train import (
     train_loop,
 )
 from optlab.errors import OptlabError, did_you_mean
+from optlab.eval.scorer import window_length
 from optlab.pruning.masks import masks_of, pruned_linears, sparsity_report
 from optlab.retraining.lora import VARIANTS, adapters_of, add_adapters, merge_adapters
 
@@ -392,7 +393,8 @@ def retrain(
         accelerator = make_accelerator(config.grad_accum, next(model.parameters()).device)
         local_rows(accelerator, config.batch_size)  # a batch that does not split fails now
         count = config.steps * config.grad_accum * config.batch_size
-    windows = sample_windows(lm.tokenizer, load_text(config.corpus), count, config.seq_len,
+    windows = sample_windows(lm.tokenizer, load_text(config.corpus), count,
+                             window_length(model, config.seq_len, default=PerpConfig.seq_len),
                              config.seed)  # fmt: skip
     masks_before = _masks_on_cpu(model)
     sparsity_before = sparsity_report(model)

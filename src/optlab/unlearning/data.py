@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from optlab.core.data import read_jsonl
+from optlab.core.data import read_jsonl, read_text_file
 from optlab.errors import OptlabError
 
 IGNORE = -100  # label of a position the loss skips (question tokens, padding)
@@ -70,10 +70,10 @@ def load_examples(path: str | Path) -> list[Example]:
     ``.txt`` file of documents separated by blank lines."""
     path = data_file(path)
     if path.suffix == ".txt":
-        docs = re.split(r"\n\s*\n", path.read_text(encoding="utf-8"))
+        docs = re.split(r"\n\s*\n", read_text_file(path, "data file", allow_empty=True))
         examples = [Example(doc.strip()) for doc in docs if doc.strip()]
     else:
-        examples = [_example(obj, path, n) for n, obj in read_jsonl(path)]
+        examples = [_example(obj, path, n) for n, obj in read_jsonl(path, "data file")]
     if not examples:
         raise OptlabError(f"{path} holds no examples")
     return examples
@@ -82,6 +82,8 @@ def load_examples(path: str | Path) -> list[Example]:
 def data_file(path: str | Path, suffixes: tuple[str, ...] = (".jsonl", ".txt")) -> Path:
     """``path`` as a file that exists and has a readable suffix (checked before any work)."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise OptlabError(f"data file {str(path)!r} is a folder, not a file")
     if not path.is_file():
         raise OptlabError(f"data file not found: {path}")
     if path.suffix not in suffixes:

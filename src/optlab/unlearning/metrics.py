@@ -393,7 +393,7 @@ def evaluate_model(
         questions = [e for e in holdout if e.question is not None] or sample
         metrics["harmful_rate"] = harm.rate(answers(scorer, questions, config.max_new_tokens))
     if perplexity:
-        metrics["ppl"] = wiki_perplexity(lm, config.ppl_seq_len, config.ppl_limit, progress)[
-            "perplexity"
-        ]
+        metrics["ppl"] = wiki_perplexity(
+            lm, config.ppl_seq_len, config.ppl_limit, progress, default=EvalConfig.ppl_seq_len
+        )["perplexity"]
     return metrics

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from optlab.core.data import read_text_file
 from optlab.core.models import LoadedModel
 from optlab.errors import OptlabError
 from optlab.eval.scorer import Scorer
@@ -32,7 +33,8 @@ def unlearn_task(run: str) -> Task:
         sets = []
         for part in ("forget", "retain", "holdout"):  # an empty set is saved as an empty file
             path = folder / f"{part}.jsonl"
-            sets.append(load_examples(path) if path.read_text(encoding="utf-8").strip() else [])
+            text = read_text_file(path, f"{part} set", allow_empty=True)
+            sets.append(load_examples(path) if text.strip() else [])
         lm = LoadedModel(scorer.model, scorer.tokenizer, str(folder))
         config = EvalConfig(samples=limit or 100, ppl_seq_len=seq_len or 512)
         return evaluate_model(lm, *sets, config)
