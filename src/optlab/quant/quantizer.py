@@ -90,11 +90,12 @@ def dequantize(
     split = cols // group_size * group_size  # columns in whole groups
     scale, zero = scales.float()[..., None], zeros.float()[..., None]
     groups = split // group_size
-    w = torch.empty(rows, cols, dtype=torch.float32, device=codes.device)
-    whole = codes[:, :split].reshape(rows, groups, group_size).float()
-    w[:, :split] = ((whole - zero[:, :groups]) * scale[:, :groups]).reshape(rows, split)
+    # In place on one float copy of the codes: a quantized model runs this on every prefill
+    # forward, and each extra temporary is another pass over a weight-sized buffer.
+    w = codes.to(torch.float32)
+    w[:, :split].view(rows, groups, group_size).sub_(zero[:, :groups]).mul_(scale[:, :groups])
     if split < cols:
-        w[:, split:] = (codes[:, split:].float() - zero[:, -1]) * scale[:, -1]
+        w[:, split:].sub_(zero[:, -1]).mul_(scale[:, -1])
     return w.to(dtype)
 
 
@@ -107,9 +108,16 @@ def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int | None = 128) 
     codes = torch.empty(rows, cols, dtype=torch.uint8, device=weight.device)
     scales = torch.empty(rows, groups, dtype=torch.float32, device=weight.device)
     zeros = torch.empty(rows, groups, dtype=torch.uint8, device=weight.device)
-    for g in range(groups):
-        part = weight[:, g * size : (g + 1) * size]
+    # All whole groups at once, as rows of their own grid: the same arithmetic as one group at a
+    # time, without a pass of strided column slices per group (~20x faster on 2 cores).
+    whole = cols // size
+    parts = [(0, whole, weight[:, : whole * size].reshape(rows * whole, size))]
+    if whole < groups:  # a shorter last group
+        parts.append((whole, groups, weight[:, whole * size :]))
+    for first, last, part in parts:
         scale, zero = grid(part, bits)
-        codes[:, g * size : (g + 1) * size] = quantize_codes(part, scale, zero, bits).byte()
-        scales[:, g], zeros[:, g] = scale, zero.to(torch.uint8)
+        q = quantize_codes(part, scale, zero, bits).byte()
+        codes[:, first * size : last * size] = q.reshape(rows, -1)
+        scales[:, first:last] = scale.reshape(rows, -1)
+        zeros[:, first:last] = zero.to(torch.uint8).reshape(rows, -1)
     return QuantizedWeight(codes, scales, zeros, bits, size)
