@@ -90,3 +90,35 @@ def test_bad_sensitivity_requests_are_clear_errors() -> None:
         sensitivities(lm.model, "cmpq", WINDOWS, sensitivity_units(lm.model, "linear"))
     with pytest.raises(OptlabError, match="granularity"):
         sensitivity_units(lm.model, "block")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_tdmpq_equals_the_per_linear_products_of_each_window_gradient(family) -> None:
+    """Pins the TDMPQ scores to the computation as first written: per window, the gradients of
+    every linear, then sum(g * delta) per linear in the (out, in) layout, summed per unit."""
+    lm = load_model(f"tiny:{family}")  # gpt2: Conv1D weights are stored (in, out)
+    units = sensitivity_units(lm.model, "layer")
+    scores = sensitivities(lm.model, "tdmpq", WINDOWS, units, bits=3, group_size=32)
+    modules = dict(lm.model.named_modules())
+    names = [name for members in units.values() for name in members]
+    deltas = {}
+    for name in names:
+        weight = weight_matrix(modules[name]).detach()
+        deltas[name] = quantize_rtn(weight, 3, 32).dequantize() - weight
+    weights = [modules[name].weight for name in names]
+    products = []
+    for ids in WINDOWS:
+        for row in ids:
+            logits = lm.model(input_ids=row[None]).logits.float()
+            loss = F.cross_entropy(logits[0, :-1], row[1:])
+            grads = torch.autograd.grad(loss, weights)
+            products.append({
+                name: float(((g if isinstance(modules[name], torch.nn.Linear) else g.T)
+                             * deltas[name]).sum())
+                for name, g in zip(names, grads, strict=True)
+            })  # fmt: skip
+    for unit, members in units.items():
+        per_window = [sum(p[name] for name in members) for p in products]
+        mean = sum(per_window) / len(per_window)
+        expected = abs(mean) + 0.5 * sum(v * v for v in per_window) / len(per_window)
+        assert scores[unit] == pytest.approx(expected, rel=1e-5)

@@ -169,17 +169,20 @@ def tdmpq_scores(
     """|g . delta| + 1/2 mean_b (g_b . delta)^2 with delta the unit's RTN error at ``bits``."""
     modules = dict(model.named_modules())
     names = [name for members in units.values() for name in members]
-    deltas = {}
-    for name in names:
+    deltas = []
+    for name in tqdm(names, desc="tdmpq rounding errors", leave=False, disable=None):
         weight = weight_matrix(modules[name])
-        deltas[name] = quantize_rtn(weight, bits, group_size).dequantize(weight.dtype) - weight
+        delta = quantize_rtn(weight, bits, group_size).dequantize(weight.dtype) - weight
+        # Flat, fp32 and in the parameter's own layout (GPT-2's Conv1D stores in x out): each
+        # g_b . delta is then one dot product with the gradient as autograd returns it.
+        deltas.append(_as_matrix(modules[name], delta).float().contiguous().view(-1))
     device = next(model.parameters()).device
     trainable = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
         modules[name].weight.requires_grad_(True)
-    products: list[dict[str, float]] = []  # g_b . delta per window and linear
+    products: list[list[float]] = []  # g_b . delta per window, per linear of ``names``
     try:
         rows = [row[None] for ids in windows for row in ids]
         for ids in tqdm(rows, desc="tdmpq gradients", leave=False, disable=None):
@@ -187,16 +190,17 @@ def tdmpq_scores(
             logits = model(input_ids=ids, use_cache=False).logits.float()
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
             grads = torch.autograd.grad(loss, [modules[n].weight for n in names])
-            products.append({
-                name: float((_as_matrix(modules[name], g).float() * deltas[name].float()).sum())
-                for name, g in zip(names, grads, strict=True)
-            })  # fmt: skip
+            dots = [torch.dot(g.float().reshape(-1), d) for g, d in zip(grads, deltas, strict=True)]
+            products.append(torch.stack(dots).tolist())
+            del grads  # free this window's gradients before the next forward
     finally:
         for p, flag in trainable.items():
             p.requires_grad_(flag)
+    table = np.array(products, dtype=np.float64)  # [window, linear]
+    column = {name: i for i, name in enumerate(names)}
     scores = {}
     for unit, members in units.items():
-        per_window = np.array([sum(p[name] for name in members) for p in products])
+        per_window = table[:, [column[name] for name in members]].sum(1)
         scores[unit] = float(abs(per_window.mean()) + 0.5 * np.mean(per_window**2))
     return scores
 
