@@ -82,8 +82,14 @@ class QuantLinear(nn.Module):
         return unpack(self.packed, self.bits, self.in_features)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """W_hat as an (out, in) tensor."""
-        return dequantize(self.codes(), self.scales, self.zeros, self.group_size, dtype)
+        """W_hat as an (out, in) tensor (the one kept while a ``KeepDequantized`` is open)."""
+        kept = self._cache.get(f"dequant:{dtype}")
+        if kept is not None:
+            return kept
+        weight = dequantize(self.codes(), self.scales, self.zeros, self.group_size, dtype)
+        if self._cache.get("keep_dequantized"):
+            self._cache[f"dequant:{dtype}"] = weight
+        return weight
 
     def kernel_name(self, rows: int = 1) -> str:
         """Which path a forward of ``rows`` input rows takes: 'int8pack', 'int4pack' or
@@ -154,6 +160,37 @@ class QuantLinear(nn.Module):
     def storage_bytes(self) -> int:
         """Bytes of the packed weight, scales and zero points (the bias counts as the rest)."""
         return sum(t.numel() * t.element_size() for t in (self.packed, self.scales, self.zeros))
+
+
+class KeepDequantized:
+    """While open, each ``QuantLinear`` of ``model`` dequantizes its weight once and reuses it.
+
+    The dequantizing path unpacks and rescales every weight on every prefill forward; scoring
+    many batches (perplexity, multiple choice) repeats that work per batch. Inside this context
+    the dequantized weights stay in memory, as large as the unquantized layers, until it
+    closes: use it around evaluation loops, not to hold a packed model.
+
+    >>> with KeepDequantized(model):
+    ...     scorer.score_tokens(requests)
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+        self.opened: list[QuantLinear] = []
+
+    def __enter__(self) -> KeepDequantized:
+        # A layer already kept by an enclosing context stays kept until that one closes.
+        self.opened = [m for m in self.layers if not m._cache.get("keep_dequantized")]
+        for layer in self.opened:
+            layer._cache["keep_dequantized"] = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for layer in self.opened:
+            for key in [k for k in layer._cache if k.startswith("dequant:")]:
+                del layer._cache[key]
+            layer._cache.pop("keep_dequantized", None)  # gone if .to() or a load cleared it
+        self.opened = []
 
 
 def quantized_bytes(out_features: int, in_features: int, bits: int, group_size: int) -> int:
