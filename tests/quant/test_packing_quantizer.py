@@ -8,9 +8,15 @@ import torch
 from optlab.core.stats import Hessian
 from optlab.errors import OptlabError
 from optlab.quant.gptq import gptq_quantize
-from optlab.quant.linear import KERNEL_MAX_ROWS, QuantLinear, quantized_bytes
+from optlab.quant.linear import KERNEL_MAX_ROWS, KeepDequantized, QuantLinear, quantized_bytes
 from optlab.quant.packing import pack, packed_row_bytes, unpack
-from optlab.quant.quantizer import quantize_rtn
+from optlab.quant.quantizer import (
+    QuantizedWeight,
+    dequantize,
+    grid,
+    quantize_codes,
+    quantize_rtn,
+)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -131,3 +137,58 @@ def test_quant_linear_kernels_agree_with_dequantize_then_matmul(bits, group, out
     assert torch.allclose(fast, slow, atol=1e-3, rtol=1e-4)
     assert layer.storage_bytes() == quantized_bytes(out, 96, bits, qw.group_size)
     assert torch.equal(layer.codes(), qw.codes)
+
+
+def _rtn_one_group_at_a_time(weight: torch.Tensor, bits: int, size: int) -> QuantizedWeight:
+    """quantize_rtn as it was before it handled all groups at once: group by group."""
+    rows, cols = weight.shape
+    groups = -(-cols // size)
+    codes = torch.empty(rows, cols, dtype=torch.uint8)
+    scales, zeros = torch.empty(rows, groups), torch.empty(rows, groups, dtype=torch.uint8)
+    for g in range(groups):
+        part = weight[:, g * size : (g + 1) * size]
+        scale, zero = grid(part, bits)
+        codes[:, g * size : (g + 1) * size] = quantize_codes(part, scale, zero, bits).byte()
+        scales[:, g], zeros[:, g] = scale, zero.to(torch.uint8)
+    return QuantizedWeight(codes, scales, zeros, bits, size)
+
+
+@pytest.mark.parametrize(("bits", "group", "cols"), [(4, 16, 96), (3, 32, 80), (2, 7, 50),
+                                                     (8, 64, 64), (4, 96, 96)])  # fmt: skip
+def test_rtn_of_all_groups_at_once_equals_group_by_group(bits, group, cols) -> None:
+    g = torch.Generator().manual_seed(cols)
+    weight = torch.randn(12, cols, generator=g) * torch.rand(12, 1, generator=g)
+    weight[3] = 0
+    for w in (weight, weight.T.contiguous().T):  # also a transposed view (GPT-2's Conv1D)
+        fast, slow = quantize_rtn(w, bits, group), _rtn_one_group_at_a_time(w, bits, group)
+        assert torch.equal(fast.codes, slow.codes)
+        assert torch.equal(fast.scales, slow.scales) and torch.equal(fast.zeros, slow.zeros)
+        for dtype in (torch.float32, torch.float16):
+            # (q - z) * s per group, the last one shorter when the group does not divide cols
+            expected = torch.cat([
+                ((slow.codes[:, c : c + group].float() - slow.zeros[:, c // group, None].float())
+                 * slow.scales[:, c // group, None].half().float())
+                for c in range(0, cols, group)
+            ], dim=1).to(dtype)  # fmt: skip
+            got = dequantize(fast.codes, fast.scales.half(), fast.zeros, fast.group_size, dtype)
+            assert got.dtype == dtype and torch.equal(got, expected)
+
+
+def test_kept_dequantized_weights_compute_the_same_and_are_dropped_on_exit() -> None:
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(*(
+        QuantLinear.from_quantized(quantize_rtn(torch.randn(32, 32, generator=g), 4, 16))
+        for _ in range(2)
+    ))  # fmt: skip
+    x = torch.randn(3, KERNEL_MAX_ROWS + 1, 32, generator=g)  # prefill: the dequantizing path
+    expected = model(x)
+    with KeepDequantized(model):
+        first, again = model(x), model(x)
+        kept = model[0]._cache["dequant:torch.float32"]
+        assert model[0].dequantized_weight() is kept  # built once, reused
+        with KeepDequantized(model):  # nested: the outer context still owns the cache
+            model(x)
+        assert model[0]._cache["dequant:torch.float32"] is kept
+    assert torch.equal(first, expected) and torch.equal(again, expected)
+    assert all("dequant:torch.float32" not in layer._cache for layer in model)
+    assert model[0].dequantized_weight() is not model[0].dequantized_weight()  # not kept now
