@@ -95,3 +95,22 @@ def test_generate_is_greedy_batched_and_stops(lm) -> None:
     stop = batched[0][2:4]
     cut = scorer.generate(prompts[:1], max_new_tokens=6, until=[stop])[0]
     assert stop not in cut and batched[0].startswith(cut)
+
+
+def test_requests_with_the_same_input_share_one_forward(lm) -> None:
+    """Two one-token choices after one context are one forward, scored as if run apart."""
+    contexts = [TEXT[:n] for n in (10, 23, 40)]  # none ends in a space
+    requests = [(c, choice) for c in contexts for choice in ("x", "y")]
+    scorer = Scorer(lm, batch_size=2, progress=False)
+    assert all(len(scorer.encode(choice)) == 1 for choice in ("x", "y"))
+    rows: list[int] = []
+    handle = lm.model.register_forward_hook(lambda _m, args, kw, _o: rows.append(
+        kw["input_ids"].shape[0]), with_kwargs=True)  # fmt: skip
+    try:
+        shared = scorer.loglikelihood(requests)
+    finally:
+        handle.remove()
+    assert sum(rows) == len(contexts)  # one row per distinct input, not per request
+    apart = [Scorer(lm, batch_size=1, progress=False).loglikelihood([r])[0] for r in requests]
+    for (a, ga), (b, gb) in zip(shared, apart, strict=True):
+        assert a == pytest.approx(b, abs=1e-4) and ga == gb

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from optlab.core.models import LoadedModel
 from optlab.errors import OptlabError
+from optlab.quant.linear import KeepDequantized
 
 log = logging.getLogger("optlab")
 
@@ -150,30 +151,45 @@ class Scorer:
                     f"{self.max_length} tokens: give shorter texts or a longer window"
                 )
         results: list[tuple[float, bool] | None] = [None] * len(requests)
+        rows = [list(tokens)[-(self.max_length + 1) :] for tokens, _ in requests]
+        # Requests that feed the model the same tokens share one forward: a multiple-choice
+        # context followed by one-token choices (" negative" / " positive") is run once.
+        shared: dict[tuple[int, ...], list[int]] = {}
+        for i, row in enumerate(rows):
+            shared.setdefault(tuple(row[:-1]), []).append(i)
+        inputs_of = list(shared.values())
         # Longest first: batches of similar length waste little padding.
-        order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]))
+        order = sorted(range(len(inputs_of)), key=lambda u: -len(rows[inputs_of[u][0]]))
         pad = self.tokenizer.pad_token_id or 0
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        for batch in tqdm(batches, desc=desc, disable=not self.progress or None, leave=False):
-            rows = [list(requests[i][0])[-(self.max_length + 1) :] for i in batch]
-            width = max(len(r) for r in rows) - 1
-            inputs = torch.full((len(rows), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(inputs)
-            for r, row in enumerate(rows):
-                inputs[r, : len(row) - 1] = torch.tensor(row[:-1])
-                mask[r, : len(row) - 1] = 1
-            logits = self.model(
-                input_ids=inputs.to(self.device), attention_mask=mask.to(self.device)
-            ).logits.float()
-            for r, (i, row) in enumerate(zip(batch, rows, strict=True)):
-                n = requests[i][1]  # fits the row: checked above
-                positions = slice(len(row) - 1 - n, len(row) - 1)
-                targets = torch.tensor(row[-n:], device=logits.device)
-                logprobs = F.log_softmax(logits[r, positions], dim=-1)
-                total = logprobs.gather(1, targets[:, None]).sum().item()
-                greedy = bool((logprobs.argmax(-1) == targets).all())
-                results[i] = (total, greedy)
+        bar = tqdm(batches, desc=desc, disable=not self.progress or None, leave=False)
+        # A quantized model keeps its dequantized weights for the batches of this call only.
+        with KeepDequantized(self.model):
+            for batch in bar:
+                firsts = [rows[inputs_of[u][0]] for u in batch]
+                width = max(len(r) for r in firsts) - 1
+                inputs = torch.full((len(firsts), width), pad, dtype=torch.long)
+                mask = torch.zeros_like(inputs)
+                for r, row in enumerate(firsts):
+                    inputs[r, : len(row) - 1] = torch.tensor(row[:-1])
+                    mask[r, : len(row) - 1] = 1
+                logits = self.model(
+                    input_ids=inputs.to(self.device), attention_mask=mask.to(self.device)
+                ).logits.float()
+                for r, u in enumerate(batch):
+                    for i in inputs_of[u]:
+                        results[i] = self._score_row(logits[r], rows[i], requests[i][1])
         return results  # type: ignore[return-value]
+
+    @staticmethod
+    def _score_row(logits: torch.Tensor, row: list[int], n: int) -> tuple[float, bool]:
+        """Log-probability of the last ``n`` tokens of ``row`` and whether each is the argmax,
+        from the logits of the forward on ``row[:-1]`` (``n`` fits the row: checked above)."""
+        positions = slice(len(row) - 1 - n, len(row) - 1)
+        targets = torch.tensor(row[-n:], device=logits.device)
+        logprobs = F.log_softmax(logits[positions], dim=-1)
+        total = logprobs.gather(1, targets[:, None]).sum().item()
+        return total, bool((logprobs.argmax(-1) == targets).all())
 
     @torch.no_grad()
     def generate(
