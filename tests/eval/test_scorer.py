@@ -7,6 +7,9 @@ import torch.nn.functional as F
 from optlab.core.models import load_model
 from optlab.eval.perplexity import perplexity
 from optlab.eval.scorer import Scorer
+from optlab.prune.masks import pruned_linears
+from optlab.quant.apply import quantize_rtn_model
+from optlab.quant.linear import QuantLinear
 
 TEXT = "It was a bright cold day in April, and the clocks were striking thirteen. " * 3
 
@@ -113,4 +116,23 @@ def test_requests_with_the_same_input_share_one_forward(lm) -> None:
     assert sum(rows) == len(contexts)  # one row per distinct input, not per request
     apart = [Scorer(lm, batch_size=1, progress=False).loglikelihood([r])[0] for r in requests]
     for (a, ga), (b, gb) in zip(shared, apart, strict=True):
+        assert a == pytest.approx(b, abs=1e-4) and ga == gb
+
+
+def test_a_quantized_model_dequantizes_once_per_scoring_call() -> None:
+    lm = load_model("tiny:llama")
+    quantize_rtn_model(lm.model, {n: 4 for n in pruned_linears(lm.model)}, 32)
+    layers = [m for m in lm.model.modules() if isinstance(m, QuantLinear)]
+    calls = []
+    for layer in layers:
+        layer.codes = lambda layer=layer, codes=layer.codes: calls.append(layer) or codes()
+    requests = [(TEXT[:n], TEXT[n : n + 9]) for n in (5, 17, 40, 61, 2)]
+    kept = Scorer(lm, batch_size=2, progress=False).loglikelihood(requests)  # 3 batches
+    assert len(calls) == len(layers)
+    assert all("dequant:torch.float32" not in layer._cache for layer in layers)  # dropped
+    for layer in layers:
+        layer.kernel = "dequant"
+    apart = [Scorer(lm, batch_size=1, progress=False).loglikelihood([r])[0] for r in requests]
+    assert len(calls) > 2 * len(layers)  # outside a scoring call: once per forward
+    for (a, ga), (b, gb) in zip(kept, apart, strict=True):
         assert a == pytest.approx(b, abs=1e-4) and ga == gb

@@ -8,6 +8,7 @@ retrieval scoring are all built on them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 
@@ -17,7 +18,6 @@ from tqdm.auto import tqdm
 
 from optlab.core.models import LoadedModel
 from optlab.errors import OptlabError
-from optlab.quant.linear import KeepDequantized
 
 log = logging.getLogger("optlab")
 
@@ -163,8 +163,12 @@ class Scorer:
         pad = self.tokenizer.pad_token_id or 0
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         bar = tqdm(batches, desc=desc, disable=not self.progress or None, leave=False)
-        # A quantized model keeps its dequantized weights for the batches of this call only.
-        with KeepDequantized(self.model):
+        with contextlib.ExitStack() as kept:
+            # Layers that rebuild their weight on each forward (quant's QuantLinear dequantizes)
+            # build it once for the batches of this call only.
+            for module in self.model.modules():
+                if callable(getattr(module, "keep_weights", None)):
+                    kept.enter_context(module.keep_weights())
             for batch in bar:
                 firsts = [rows[inputs_of[u][0]] for u in batch]
                 width = max(len(r) for r in firsts) - 1

@@ -91,6 +91,11 @@ class QuantLinear(nn.Module):
             self._cache[f"dequant:{dtype}"] = weight
         return weight
 
+    def keep_weights(self) -> KeepDequantized:
+        """A context in which this layer dequantizes its weight once (what the scorer opens
+        around its batches, by this name, as it may not import quant)."""
+        return KeepDequantized(self)
+
     def kernel_name(self, rows: int = 1) -> str:
         """Which path a forward of ``rows`` input rows takes: 'int8pack', 'int4pack' or
         'dequant' (by default: a one-row decoding step's)."""
