@@ -1,8 +1,9 @@
 """Where the quickstart's time goes: every step of `optlab demo`, timed on its own.
 
-The steps are the demo's (src/optlab/demo.py) with its sizes: load the default model; evaluate
-it (perplexity on ``--limit`` x 512 ``wiki:eval`` windows, 100 ``mc:sentiment`` sentences, two
-12-token completions); prune 50% with Wanda on 16 x 512 calibration windows; evaluate; load a
+The steps are the quickstart's (recipes/quickstart.yaml) with its sizes, called in one process
+(the recipe also saves and reloads each model between its steps; that is not timed here):
+load the default model; evaluate it (perplexity on ``--limit`` x 512 ``wiki:eval`` windows,
+100 ``mc:sentiment`` sentences, two 12-token completions); prune 50% with Wanda on 16 x 512 calibration windows; evaluate; load a
 fresh copy, score it with TDMPQ on 8 x 512 windows and quantize it to 4.5 bits on average
 (groups of 64); evaluate the packed model. Set-up (the cleaned Wikipedia text and its token
 cache, which a fresh clone builds once) is timed first and kept apart.
@@ -32,13 +33,14 @@ from typing import Any
 import torch
 
 from optlab.api import load_model
-from optlab.core.data import load_text, token_windows
+from optlab.core.data import load_text, sample_windows, token_windows
+from optlab.core.layerwise import batched
 from optlab.core.models import LoadedModel
 from optlab.eval.perplexity import perplexity
 from optlab.eval.scorer import Scorer
 from optlab.eval.tasks import get_task
-from optlab.prune.pruner import PruneConfig, prune
-from optlab.quant.quantize import QuantConfig, quantize
+from optlab.prune.pruner import WandaConfig, prune
+from optlab.quant.quantize import AvgBitsConfig, RTNConfig, TDMPQConfig, quantize
 
 SEQ_LEN = 512  # the demo's window
 PROMPTS = ("The capital of France is", "The chemical symbol for gold is")
@@ -136,17 +138,26 @@ def main() -> None:
     if "dense" in steps:
         results["dense"] = evaluate(timer, lm, "dense", args.limit, args.sentences)
     if "wanda" in steps:
-        config = PruneConfig(method="wanda", sparsity=0.5, n_calib=args.prune_calib,
-                             seq_len=SEQ_LEN)  # fmt: skip
-        pruned = timer(f"wanda prune {args.prune_calib}x{SEQ_LEN}", lambda: prune(lm, config))
+
+        def wanda() -> dict[str, Any]:  # sampling the windows included, as the command does
+            calib = sample_windows(lm.tokenizer, load_text("wiki:calib"), args.prune_calib,
+                                   SEQ_LEN, 0)  # fmt: skip
+            return prune(lm, WandaConfig(sparsity=0.5), calib)
+
+        pruned = timer(f"wanda prune {args.prune_calib}x{SEQ_LEN}", wanda)
         results["wanda"] = {"sparsity": pruned["sparsity"]["total"]}
     if "pruned" in steps:
         results["pruned"] = evaluate(timer, lm, "pruned", args.limit, args.sentences)
     if "tdmpq" in steps or "quantized" in steps:
         lm = timer("load (fresh copy)", lambda: load_model("default"))
-        config = QuantConfig(sensitivity="tdmpq", avg_bits=4.5, group_size=64,
-                             n_calib=args.quant_calib, seq_len=SEQ_LEN)  # fmt: skip
-        result = timer(f"tdmpq quantize {args.quant_calib}x{SEQ_LEN}", lambda: quantize(lm, config))
+
+        def tdmpq() -> dict[str, Any]:
+            windows = batched(sample_windows(lm.tokenizer, load_text("wiki:calib"),
+                                             args.quant_calib, SEQ_LEN, 0), 8)  # fmt: skip
+            return quantize(lm, AvgBitsConfig(avg_bits=4.5), sensitivity=TDMPQConfig(),
+                            quantizer=RTNConfig(group_size=64), windows=windows)  # fmt: skip
+
+        result = timer(f"tdmpq quantize {args.quant_calib}x{SEQ_LEN}", tdmpq)
         # quantize() splits its own time: scoring + allocation, then packing the layers.
         timer.seconds["  of which scoring"] = result["sensitivity_seconds"]
         timer.seconds["  of which packing"] = result["quantize_seconds"]
