@@ -39,7 +39,7 @@ from optlab.core.models import LoadedModel
 from optlab.eval.perplexity import perplexity
 from optlab.eval.scorer import Scorer
 from optlab.eval.tasks import get_task
-from optlab.prune.pruner import WandaConfig, prune
+from optlab.pruning.pruner import WandaConfig, prune
 from optlab.quant.quantize import AvgBitsConfig, RTNConfig, TDMPQConfig, quantize
 
 SEQ_LEN = 512  # the demo's window

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from optlab.core.models import load_model
 from optlab.eval.perplexity import perplexity
 from optlab.eval.scorer import Scorer
-from optlab.prune.masks import pruned_linears
+from optlab.pruning.masks import pruned_linears
 from optlab.quant.apply import quantize_rtn_model
 from optlab.quant.linear import QuantLinear
 
