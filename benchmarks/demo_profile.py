@@ -3,10 +3,11 @@
 The steps are the quickstart's (recipes/quickstart.yaml) with its sizes, called in one process
 (the recipe also saves and reloads each model between its steps; that is not timed here):
 load the default model; evaluate it (perplexity on ``--limit`` x 512 ``wiki:eval`` windows,
-100 ``mc:sentiment`` sentences, two 12-token completions); prune 50% with Wanda on 16 x 512 calibration windows; evaluate; load a
-fresh copy, score it with TDMPQ on 8 x 512 windows and quantize it to 4.5 bits on average
-(groups of 64); evaluate the packed model. Set-up (the cleaned Wikipedia text and its token
-cache, which a fresh clone builds once) is timed first and kept apart.
+100 ``mc:sentiment`` sentences, two 12-token completions); prune 50% with Wanda on 16 x 512
+calibration windows; evaluate; load a fresh copy, score it with TDMPQ on 8 x 512 windows and
+quantize it to 4.5 bits on average (groups of 64); evaluate the packed model.
+Set-up (the cleaned Wikipedia text and its token cache, which a fresh clone builds once) is
+timed first and kept apart.
 
 Prints one line per step and a Markdown table; ``--profile`` adds a cProfile top list per step
 (``--top`` functions by own time); ``--json FILE`` writes the seconds. Run it twice, once per
