@@ -122,3 +122,16 @@ def test_tdmpq_equals_the_per_linear_products_of_each_window_gradient(family) ->
         mean = sum(per_window) / len(per_window)
         expected = abs(mean) + 0.5 * sum(v * v for v in per_window) / len(per_window)
         assert scores[unit] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_calibration_nll_through_the_scorer_equals_a_direct_cross_entropy(family) -> None:
+    lm = load_model(f"tiny:{family}")
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids in WINDOWS:
+            logits = lm.model(input_ids=ids).logits.float()
+            total += F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(),
+                                     reduction="sum").item()  # fmt: skip
+            count += ids[:, 1:].numel()
+    assert calib_nll(lm.model, WINDOWS) == pytest.approx(total / count, rel=1e-5)

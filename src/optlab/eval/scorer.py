@@ -90,9 +90,23 @@ class Scorer:
         self.progress = progress
         tok = lm.tokenizer
         # Scores the first token of a text with no context, as lm-eval's prefix token does.
-        self.prefix_token_id = (
+        self.prefix_token_id = None if tok is None else (
             tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-        )
+        )  # fmt: skip
+
+    @classmethod
+    def of_tokens(cls, model: torch.nn.Module, *, batch_size: int = 8) -> Scorer:
+        """A scorer of token ids only (``score_tokens`` and what builds on it): for a method
+        that holds a model and calibration windows but no tokenizer, e.g. a sensitivity scan."""
+        return cls(LoadedModel(model, None, "token windows"), batch_size=batch_size,  # type: ignore[arg-type]
+                   progress=False)  # fmt: skip
+
+    def windows_nll(self, windows: Sequence[torch.Tensor]) -> float:
+        """Mean negative log-likelihood of every token after the first of each window, over
+        batches of equal-length token windows (the calibration loss of a model)."""
+        requests = [(row.tolist(), row.shape[0] - 1) for ids in windows for row in ids]
+        logprob = sum(lp for lp, _ in self.score_tokens(requests, desc="nll"))
+        return -logprob / sum(n for _, n in requests)
 
     @property
     def device(self) -> torch.device:
@@ -160,7 +174,7 @@ class Scorer:
         inputs_of = list(shared.values())
         # Longest first: batches of similar length waste little padding.
         order = sorted(range(len(inputs_of)), key=lambda u: -len(rows[inputs_of[u][0]]))
-        pad = self.tokenizer.pad_token_id or 0
+        pad = (self.tokenizer.pad_token_id if self.tokenizer is not None else None) or 0
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         bar = tqdm(batches, desc=desc, disable=not self.progress or None, leave=False)
         with contextlib.ExitStack() as kept:

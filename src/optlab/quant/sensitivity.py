@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from optlab.core.anatomy import Anatomy, weight_matrix
 from optlab.errors import OptlabError, did_you_mean
+from optlab.eval.scorer import Scorer
 from optlab.pruning.masks import Pattern, keep_mask
 from optlab.quant.quantizer import quantize_rtn
 
@@ -66,19 +67,9 @@ def sensitivity_units(model: nn.Module, granularity: str = "layer") -> dict[str,
 
 
 def calib_nll(model: nn.Module, windows: Sequence[torch.Tensor]) -> float:
-    """Mean next-token negative log-likelihood over batches of token windows."""
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for ids in windows:
-            ids = ids.to(device)
-            logits = model(input_ids=ids, use_cache=False).logits.float()
-            nll = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"
-            )
-            total += nll.item()
-            count += ids[:, 1:].numel()
-    return total / count
+    """Mean next-token negative log-likelihood over batches of token windows (the Scorer's)."""
+    batch = max((ids.shape[0] for ids in windows), default=1)
+    return Scorer.of_tokens(model, batch_size=batch).windows_nll(windows)
 
 
 def cmpq_scores(
