@@ -28,6 +28,7 @@ import yaml
 
 import optlab.commands  # noqa: F401  (registers the commands a recipe may name)
 from optlab.audit.plots import bars
+from optlab.core.files import read_json_object, read_text_file
 from optlab.core.job import Job, get_command, load_job, run_job
 from optlab.core.run import atomic_write
 from optlab.errors import OptlabError
@@ -49,12 +50,13 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file() and path.suffix == "" and (SHIPPED / f"{path}.yaml").is_file():
         path = SHIPPED / f"{path}.yaml"
-    if not path.is_file():
-        raise OptlabError(f"recipe {str(path)!r} not found: a .yaml file, or a shipped recipe "
-                          f"({', '.join(shipped_recipes())})")  # fmt: skip
+    if not path.exists():
+        raise OptlabError(f"recipe {str(path)!r} not found (no such file): a .yaml file, or a "
+                          f"shipped recipe ({', '.join(shipped_recipes())})")  # fmt: skip
+    text = read_text_file(path, "recipe")
     try:
-        recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        recipe = yaml.safe_load(text)
+    except yaml.YAMLError as err:
         raise OptlabError(f"{path} is not readable YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(recipe, Mapping) or not isinstance(recipe.get("steps"), list):
         raise OptlabError(f"{path}: a recipe is a mapping with a list of steps")
@@ -78,13 +80,19 @@ def resolve_steps(recipe: Mapping[str, Any], out: Path) -> list[tuple[str, Job]]
     step is validated here, before the first one runs."""
     defaults = {k: recipe[k] for k in ("model", "seed", "device", "dtype") if k in recipe}
     jobs: list[tuple[str, Job]] = []
+    names = [str(step["name"]) for step in recipe["steps"]]
     for step in recipe["steps"]:
         name = str(step["name"])
         data = {**defaults, **{k: v for k, v in step.items() if k != "name"}}
         command = get_command(str(data["command"]))
         for item in command.inputs:  # an input naming an earlier step is that step's run
-            if any(data.get(item.name) == earlier for earlier, _ in jobs):
-                data[item.name] = str(out / str(data[item.name]))
+            value = data.get(item.name)
+            if any(value == earlier for earlier, _ in jobs):
+                data[item.name] = str(out / str(value))
+            elif value in names and item.name in step:  # a later step (or itself): no run yet
+                raise OptlabError(f"step {name!r}: {item.name}: {value!r} names a step that "
+                                  "runs later (or this one); a step reads only earlier steps' "
+                                  "runs, so move it after the step it reads")  # fmt: skip
         data = {k: v for k, v in data.items() if k != "model" or "model" in
                 {i.name for i in command.inputs}}  # fmt: skip
         jobs.append((name, Job.from_dict(data, source=f"step {name!r}")))
@@ -139,6 +147,9 @@ def run_recipe(
 def _check_out(out: Path, resume: bool, force: bool) -> None:
     if not out.exists():
         return
+    if not out.is_dir():
+        raise OptlabError(f"--out {str(out)!r} exists and is a file, not a recipe run; choose "
+                          "another --out")  # fmt: skip
     if not (out / RECIPE_FILE).is_file():
         raise OptlabError(f"{str(out)!r} exists and is not a recipe run; choose another --out")
     if not (resume or force):
@@ -156,9 +167,7 @@ def _finished_unchanged(target: Path, job: Job) -> bool:
 
 
 def _saved(target: Path, job: Job) -> dict[str, Any]:
-    import json
-
-    metrics = json.loads((target / "metrics.json").read_text(encoding="utf-8"))
+    metrics = read_json_object(target / "metrics.json", "step metrics")
     return {"command": job.command, "metrics": metrics, "run": str(target), "seconds": 0.0,
             "skipped": True}  # fmt: skip
 

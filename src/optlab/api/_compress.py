@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -12,6 +11,7 @@ import torch
 
 from optlab.api._base import data_record, execute_job, job_of, resolve_model, windows_of
 from optlab.core.calibration import Calibration
+from optlab.core.files import read_json_object
 from optlab.core.job import Result
 from optlab.core.layerwise import batched
 from optlab.core.models import LoadedModel, load_model
@@ -202,6 +202,12 @@ def retrain(
     if config.method == "reconstruct" and dense is None:
         raise OptlabError("reconstruct needs the dense model: pass dense=")
     dense_lm = None if dense is None else resolve_model(dense)
+    # The source run's perplexity is read now: a damaged metrics.json fails before training.
+    source_metrics = None if source is None else source / "metrics.json"
+    source_perplexity = None
+    if source_metrics is not None and source_metrics.exists():
+        source_perplexity = read_json_object(source_metrics, "source run metrics").get(
+            "perplexity")  # fmt: skip
     job = job_of("retrain", lm, seed, {"run": str(source or lm.spec)}, method=config,
                eval=evaluation)  # fmt: skip
 
@@ -211,9 +217,8 @@ def retrain(
         log.info("retrained %.3f%% of the parameters; mask held: %s", share, held)
         if evaluation is not None and evaluation.enabled:
             metrics["perplexity"] = evaluation.measure(lm, config.seq_len, progress)
-        source_metrics = None if source is None else source / "metrics.json"
-        if source_metrics is not None and source_metrics.exists():
-            metrics["source_perplexity"] = json.loads(source_metrics.read_text()).get("perplexity")
+        if source_perplexity is not None:
+            metrics["source_perplexity"] = source_perplexity
         metrics.update(peak_memory_gb())
         if run is not None:
             save_sparse_model(lm, run.dir)

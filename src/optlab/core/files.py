@@ -6,7 +6,9 @@ the run directory can read files without importing the corpora.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 from optlab.errors import OptlabError
 
@@ -41,3 +43,23 @@ def read_text_file(
         raise OptlabError(f"{what} {shown} is empty")
     # Newlines as text mode reads them: a file written on Windows parses the same.
     return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def read_json_object(path: str | Path, what: str = "file", *, hint: str = "") -> dict[str, Any]:
+    """The JSON object in a user's (or a run's) file, read by :func:`read_text_file`; bad
+    JSON or a value that is not an object is one line naming the file (and ``hint``, what
+    the file should be).
+
+    >>> read_json_object("runs/w50/metrics.json", "run metrics")["perplexity"]
+    """
+    text = read_text_file(path, what)
+    shown = repr(str(Path(path).expanduser()))
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise OptlabError(f"{what} {shown} is not valid JSON ({err.msg}, line {err.lineno})"
+                          f"{hint}") from None  # fmt: skip
+    if not isinstance(data, dict):
+        raise OptlabError(f"{what} {shown} holds a JSON {type(data).__name__}, not an "
+                          f"object{hint}")  # fmt: skip
+    return data

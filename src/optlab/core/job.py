@@ -14,11 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from optlab.core import hooks
 from optlab.core.config import METHODS, Registry, config_from_dict, config_to_dict
-from optlab.core.run import check_target
+from optlab.core.run import check_target, read_run_config
 from optlab.errors import OptlabError
 
 
@@ -207,12 +205,8 @@ def load_job(run: str | Path) -> Job:
     config_file = path / "config.yaml" if path.is_dir() else path
     if not config_file.is_file():
         raise OptlabError(f"{str(path)!r} is not an optlab run (no config.yaml)")
-    try:
-        data = yaml.safe_load(config_file.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise OptlabError(f"{config_file} is not a readable config.yaml: "
-                          f"{str(err).splitlines()[0]}") from None  # fmt: skip
-    if isinstance(data, Mapping) and data.get("command") in (None, "demo"):
+    data = read_run_config(config_file)  # plain YAML only: no Python tags
+    if data.get("command") in (None, "demo"):
         raise OptlabError(f"{config_file} was written by an optlab without replayable configs "
                           "(no job in it)")  # fmt: skip
     return Job.from_dict(data, source=str(config_file))

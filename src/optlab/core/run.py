@@ -325,9 +325,11 @@ def clean_stale_partials(parent: str | Path) -> list[Path]:
 
 
 def read_run_config(folder: str | Path) -> dict[str, Any]:
-    """A run's ``config.yaml`` as plain data. YAML tags that build Python objects are refused
-    (``yaml.safe_load``), with one line naming the file."""
-    path = Path(folder) / "config.yaml"
+    """A run's ``config.yaml`` (``folder`` is the run or the file itself) as plain data. YAML
+    tags that build Python objects are refused (``yaml.safe_load``), with one line naming
+    the file."""
+    path = Path(folder)
+    path = path / "config.yaml" if path.is_dir() else path
     text = read_text_file(path, "run config", allow_empty=True)
     try:
         config = yaml.safe_load(text)

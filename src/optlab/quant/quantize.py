@@ -30,6 +30,7 @@ from optlab.core.config import (
     require_finite,
     require_positive,
 )
+from optlab.core.files import read_json_object
 from optlab.core.models import LoadedModel, require_finite_weights
 from optlab.errors import OptlabError, did_you_mean
 from optlab.quant.allocate import (
@@ -293,15 +294,16 @@ def reused_scores(source: str, wanted: dict[str, Any], units: list[str]) -> dict
     ``sensitivity.json``), refused unless they were scored with the settings ``wanted``."""
     path = Path(source)
     path = path / "sensitivity.json" if path.is_dir() else path
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        settings, scores = saved["settings"], dict(saved["scores"])
-    except FileNotFoundError:
+    if not path.exists():
         raise OptlabError(f"no sensitivities at {path}: pass a quantize run or its "
-                          "sensitivity.json") from None  # fmt: skip
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise OptlabError(f"{path} is not a sensitivity.json of optlab quantize with the "
-                          "settings of its scores") from None  # fmt: skip
+                          "sensitivity.json")  # fmt: skip
+    not_ours = (f"{path} is not a sensitivity.json of optlab quantize with the settings of "
+                "its scores")  # fmt: skip
+    saved = read_json_object(path, "--scores-from file", hint=f"; {not_ours}")
+    try:
+        settings, scores = dict(saved["settings"]), dict(saved["scores"])
+    except (KeyError, TypeError, ValueError):
+        raise OptlabError(not_ours) from None
     differ = [f"{k}: {settings.get(k)!r} there, {v!r} here" for k, v in wanted.items()
               if settings.get(k) != v]  # fmt: skip
     if differ:

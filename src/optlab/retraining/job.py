@@ -19,6 +19,7 @@ def source_run(path: str | Path) -> tuple[Path, dict[str, Any]]:
     dense model). Other runs are refused: a quantized model has no float weights to train,
     and an unlearned one no mask to keep."""
     path = Path(path)
+    config = require_run_kind(path, RETRAINABLE, "retrain")  # the kind first: it says more
     if not (path / "model" / "config.json").exists():
         raise OptlabError(f"{str(path)!r} is not a run directory with a model (no model/)")
-    return path, require_run_kind(path, RETRAINABLE, "retrain")
+    return path, config

@@ -85,7 +85,7 @@ def data_file(path: str | Path, suffixes: tuple[str, ...] = (".jsonl", ".txt")) 
     if path.is_dir():
         raise OptlabError(f"data file {str(path)!r} is a folder, not a file")
     if not path.is_file():
-        raise OptlabError(f"data file not found: {path}")
+        raise OptlabError(f"data file not found: {str(path)!r} (no such file)")
     if path.suffix not in suffixes:
         raise OptlabError(f"unsupported data file {path}: use {' or '.join(suffixes)}")
     return path

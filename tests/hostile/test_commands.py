@@ -1,0 +1,239 @@
+"""Every command against the same hostile basics: a foreign flag, a bad value of a typed flag,
+an input file that is missing, a folder or not UTF-8, an ``--out`` that is not an optlab run
+(with and without ``--force``), and the wrong kind of run where a run is the input."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from .conftest import TEXT, error_line, run_cli, snapshot
+
+QA = '{"question": "What is A?", "answer": "B"}\n' * 2
+CSV = "run_id,dataset,seed,method,FA,RA,MIA,AD,JS,distance\n"
+RECIPE = "model: tiny:opt\nsteps:\n  - {name: e, command: eval, tasks: {tasks: [ppl:wiki]}}\n"
+
+
+def inputs(tmp: Path) -> dict[str, Path]:
+    """Good small inputs in ``tmp/in`` (a folder the cases' snapshots include)."""
+    folder = tmp / "in"
+    folder.mkdir(exist_ok=True)
+    files = {"text": ("text.txt", TEXT), "forget": ("forget.jsonl", QA),
+             "retain": ("retain.jsonl", QA), "csv": ("runs.csv", CSV),
+             "entities": ("entities.txt", "France\nParis\n"), "recipe": ("r.yaml", RECIPE)}  # fmt: skip
+    paths = {}
+    for key, (name, text) in files.items():
+        paths[key] = folder / name
+        paths[key].write_text(text, encoding="utf-8")
+    return paths
+
+
+def command_args(tmp: Path, prune_run: Path) -> dict[str, list[object]]:
+    """A small valid invocation of every command, without --out."""
+    f = inputs(tmp)
+    data = ["--forget", f["forget"], "--retain", f["retain"], "--steps", "1"]
+    return {
+        "info": ["info", "tiny:opt"],
+        "eval": ["eval", "tiny:opt", "--tasks", f"ppl:{f['text']}", "--seq-len", "32"],
+        "prune": ["prune", "tiny:opt", "--method", "magnitude", "--no-eval"],
+        "retrain": ["retrain", prune_run, "--steps", "1", "--no-eval"],
+        "quantize": ["quantize", "tiny:opt", "--uniform", "8", "--no-eval"],
+        "unlearn": ["unlearn", "tiny:opt", *data, "--no-save"],
+        "unlearn sweep": ["unlearn", "sweep", "tiny:opt", "--methods", "ga", "--seeds", "0", *data],
+        "audit skeb": ["audit", "skeb", "tiny:opt", "--limit", "1"],
+        "audit reliability": ["audit", "reliability", f["csv"]],
+        "audit graph": ["audit", "graph", "--corpus", f["text"], "--entities", f["entities"]],
+        "run": ["run", f["recipe"]],
+        "rerun": ["rerun", prune_run],
+        "demo": ["demo"],
+    }
+
+
+COMMANDS = ["info", "eval", "prune", "retrain", "quantize", "unlearn", "unlearn sweep",
+            "audit skeb", "audit reliability", "audit graph", "run", "rerun", "demo"]  # fmt: skip
+WRITERS = [c for c in COMMANDS if c != "info"]  # info prints and writes nothing
+
+# A typed flag of each command and a value it cannot take. run and rerun have no typed
+# flag: their bad value is a missing --out.
+BAD_VALUES: dict[str, tuple[list[str], list[str]]] = {
+    "info": (["--seed", "x"], ["--seed", "'x'"]),
+    "eval": (["--limit", "many"], ["--limit", "'many'"]),
+    "prune": (["--sparsity", "half"], ["--sparsity", "'half'"]),
+    "retrain": (["--steps", "1.5"], ["--steps", "'1.5'"]),
+    "quantize": (["--avg-bits", "four"], ["--avg-bits", "'four'"]),
+    "unlearn": (["--lr", "fast"], ["--lr", "'fast'"]),
+    "unlearn sweep": (["--seeds", "a,b"], ["--seeds", "'a'"]),
+    "audit skeb": (["--limit", "-3"], ["limit", "-3"]),  # checked by its config: the field
+    "audit reliability": (["--trials", "x"], ["--trials", "'x'"]),
+    "audit graph": (["--seed", "1e3"], ["--seed", "'1e3'"]),
+    "demo": (["--limit", "0"], ["--limit", "0"]),
+}
+
+
+def _out(tmp: Path, command: str) -> list[object]:
+    return [] if command == "info" else ["--out", tmp / "o"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_foreign_flag_is_one_line(capsys, tmp_path, prune_run, command) -> None:
+    args = command_args(tmp_path, prune_run)[command]
+    before = snapshot(tmp_path)
+    code, out, err = run_cli(capsys, *args, "--bogus", "1", *_out(tmp_path, command))
+    error_line(code, err, "--bogus")
+    assert out == "" and snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("command", [*BAD_VALUES, "run", "rerun"])
+def test_a_bad_value_of_a_typed_flag_is_one_line(capsys, tmp_path, prune_run, command) -> None:
+    args = command_args(tmp_path, prune_run)[command]
+    if command in ("run", "rerun"):
+        extra, needles, out_args = [], ["--out"], []
+    else:
+        (extra, needles), out_args = BAD_VALUES[command], _out(tmp_path, command)
+    before = snapshot(tmp_path)
+    code, out, err = run_cli(capsys, *args, *extra, *out_args)
+    error_line(code, err, *needles)
+    assert out == "" and snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("force", [False, True])
+@pytest.mark.parametrize("command", WRITERS)
+def test_an_out_that_is_not_a_run_is_untouched(capsys, tmp_path, prune_run, command, force) -> None:
+    args = command_args(tmp_path, prune_run)[command]
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "thesis.tex").write_text("years of work")
+    before = snapshot(tmp_path)
+    code, out, err = run_cli(capsys, *args, "--out", target, *(["--force"] * force))
+    error_line(code, err, repr(str(target)), "not")
+    assert out == "" and snapshot(tmp_path) == before
+
+
+# --- input files: missing, a folder, not UTF-8 ---------------------------------------------
+
+LATIN1 = "Caf\xe9 au lait\n".encode("latin-1")
+
+
+def _spoil(path: Path, how: str) -> None:
+    if how == "missing":
+        path.unlink()
+    elif how == "folder":
+        path.unlink()
+        path.mkdir()
+    else:
+        path.write_bytes(LATIN1)
+
+
+# (command, the input to spoil, what the error line names: a folder/missing/not UTF-8 word)
+FILE_INPUTS = [("eval", "text"), ("unlearn", "forget"), ("unlearn sweep", "retain"),
+               ("audit reliability", "csv"), ("audit graph", "entities"),
+               ("run", "recipe")]  # fmt: skip
+SPOILED = {"missing": "no such file", "folder": "is a folder", "latin1": "not UTF-8"}
+
+
+@pytest.mark.parametrize("how", list(SPOILED))
+@pytest.mark.parametrize(("command", "key"), FILE_INPUTS)
+def test_a_spoiled_input_file_is_one_line(capsys, tmp_path, prune_run, command, key, how) -> None:
+    args = command_args(tmp_path, prune_run)[command]
+    path = tmp_path / "in" / next(p.name for p in (tmp_path / "in").iterdir()
+                                  if p.stem == key or p.name.startswith(key) or
+                                  (key == "csv" and p.suffix == ".csv") or
+                                  (key == "recipe" and p.suffix == ".yaml"))  # fmt: skip
+    _spoil(path, how)
+    before = snapshot(tmp_path)
+    code, out, err = run_cli(capsys, *args, "--out", tmp_path / "o")
+    error_line(code, err, path.name, SPOILED[how])
+    assert out == "" and snapshot(tmp_path) == before
+
+
+# --- runs as inputs: the wrong kind, no config, a tampered config ---------------------------
+
+
+@pytest.fixture(scope="module")
+def eval_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from optlab.cli import main
+
+    out = tmp_path_factory.mktemp("runs") / "evaluated"
+    assert main(["eval", "tiny:opt", "--tasks", "ppl:wiki", "--limit", "1", "--seq-len", "32",
+                 "--out", str(out)]) == 0  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("kind", ["quantize", "eval"])
+def test_retrain_refuses_a_real_run_of_another_kind(
+    capsys, tmp_path, quant_run, eval_run, kind
+) -> None:
+    run = quant_run if kind == "quantize" else eval_run
+    before = snapshot(run)
+    code, out, err = run_cli(capsys, "retrain", run, "--steps", "1", "--out", tmp_path / "o")
+    error_line(code, err, repr(str(run)), f"'{kind}' run", "prune or retrain")
+    assert out == "" and snapshot(run) == before and list(tmp_path.iterdir()) == []
+
+
+TAMPERED = {
+    "no config": (None, ["config.yaml"]),
+    "unknown type": ("method:\n  type: magnitude\n", "method:\n  type: voodoo\n", ["voodoo"]),
+    "python tag": ("command: prune\n", "command: !!python/object/apply:os.getcwd []\n",
+                   ["python/object"]),
+    "future version": ("method:\n  type: magnitude\n  version: 1\n",
+                       "method:\n  type: magnitude\n  version: 99\n", ["99"]),
+    "not UTF-8": ("model: tiny:opt\n", "model: caf\xe9\n", ["not UTF-8"]),
+}
+
+
+@pytest.mark.parametrize("tamper", list(TAMPERED))
+def test_rerun_refuses_a_run_it_cannot_replay(capsys, tmp_path, prune_run, tamper) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(prune_run, run)
+    *edit, needles = TAMPERED[tamper]
+    config = run / "config.yaml"
+    if edit == [None]:
+        config.unlink()
+    else:
+        old, new = edit
+        text = config.read_text()
+        assert old in text
+        config.write_bytes(text.replace(old, new).encode("latin-1"))
+    before = snapshot(tmp_path)
+    code, out, err = run_cli(capsys, "rerun", run, "--out", tmp_path / "o")
+    error_line(code, err, *needles)
+    assert out == "" and snapshot(tmp_path) == before
+
+
+# --- hostile recipes -------------------------------------------------------------------------
+
+RECIPES = {
+    "later step": ("model: tiny:opt\nsteps:\n"
+                   "  - {name: e, command: eval, model: p, tasks: {tasks: [ppl:wiki]}}\n"
+                   "  - {name: p, command: prune, method: {type: magnitude}}\n", ["'p'"]),
+    "unknown command": ("model: tiny:opt\nsteps:\n  - {name: x, command: squash}\n",
+                        ["squash"]),
+    "a list": ("- {name: e, command: eval}\n", ["mapping"]),
+    "a step that is not a mapping": ("steps: [eval]\n", ["step 1"]),
+}
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_a_hostile_recipe_is_refused_before_any_step(capsys, tmp_path, recipe) -> None:
+    text, needles = RECIPES[recipe]
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    before = snapshot(tmp_path)
+    code, out, err = run_cli(capsys, "run", path, "--out", tmp_path / "o")
+    error_line(code, err, *needles)
+    assert out == "" and snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("command", ["run", "demo"])
+def test_a_recipe_out_that_is_a_file(capsys, tmp_path, command) -> None:
+    recipe = inputs(tmp_path)["recipe"]
+    target = tmp_path / "notes.md"
+    target.write_text("my notes")
+    before = snapshot(tmp_path)
+    args = ["run", recipe] if command == "run" else ["demo"]
+    for force in ([], ["--force"], ["--resume"]):
+        code, out, err = run_cli(capsys, *args, "--out", target, *force)
+        error_line(code, err, repr(str(target)), "file")
+    assert snapshot(tmp_path) == before
