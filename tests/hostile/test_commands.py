@@ -22,7 +22,8 @@ def inputs(tmp: Path) -> dict[str, Path]:
     folder.mkdir(exist_ok=True)
     files = {"text": ("text.txt", TEXT), "forget": ("forget.jsonl", QA),
              "retain": ("retain.jsonl", QA), "csv": ("runs.csv", CSV),
-             "entities": ("entities.txt", "France\nParis\n"), "recipe": ("r.yaml", RECIPE)}  # fmt: skip
+             "entities": ("entities.txt", "France\nParis\n"),
+             "recipe": ("r.yaml", RECIPE)}  # fmt: skip
     paths = {}
     for key, (name, text) in files.items():
         paths[key] = folder / name
@@ -137,10 +138,7 @@ SPOILED = {"missing": "no such file", "folder": "is a folder", "latin1": "not UT
 @pytest.mark.parametrize(("command", "key"), FILE_INPUTS)
 def test_a_spoiled_input_file_is_one_line(capsys, tmp_path, prune_run, command, key, how) -> None:
     args = command_args(tmp_path, prune_run)[command]
-    path = tmp_path / "in" / next(p.name for p in (tmp_path / "in").iterdir()
-                                  if p.stem == key or p.name.startswith(key) or
-                                  (key == "csv" and p.suffix == ".csv") or
-                                  (key == "recipe" and p.suffix == ".yaml"))  # fmt: skip
+    path = inputs(tmp_path)[key]  # the same files command_args wrote
     _spoil(path, how)
     before = snapshot(tmp_path)
     code, out, err = run_cli(capsys, *args, "--out", tmp_path / "o")
@@ -175,10 +173,16 @@ def test_retrain_refuses_a_real_run_of_another_kind(
 TAMPERED = {
     "no config": (None, ["config.yaml"]),
     "unknown type": ("method:\n  type: magnitude\n", "method:\n  type: voodoo\n", ["voodoo"]),
-    "python tag": ("command: prune\n", "command: !!python/object/apply:os.getcwd []\n",
-                   ["python/object"]),
-    "future version": ("method:\n  type: magnitude\n  version: 1\n",
-                       "method:\n  type: magnitude\n  version: 99\n", ["99"]),
+    "python tag": (
+        "command: prune\n",
+        "command: !!python/object/apply:os.getcwd []\n",
+        ["python/object"],
+    ),
+    "future version": (
+        "method:\n  type: magnitude\n  version: 1\n",
+        "method:\n  type: magnitude\n  version: 99\n",
+        ["99"],
+    ),
     "not UTF-8": ("model: tiny:opt\n", "model: caf\xe9\n", ["not UTF-8"]),
 }
 
@@ -205,11 +209,13 @@ def test_rerun_refuses_a_run_it_cannot_replay(capsys, tmp_path, prune_run, tampe
 # --- hostile recipes -------------------------------------------------------------------------
 
 RECIPES = {
-    "later step": ("model: tiny:opt\nsteps:\n"
-                   "  - {name: e, command: eval, model: p, tasks: {tasks: [ppl:wiki]}}\n"
-                   "  - {name: p, command: prune, method: {type: magnitude}}\n", ["'p'"]),
-    "unknown command": ("model: tiny:opt\nsteps:\n  - {name: x, command: squash}\n",
-                        ["squash"]),
+    "later step": (
+        "model: tiny:opt\nsteps:\n"
+        "  - {name: e, command: eval, model: p, tasks: {tasks: [ppl:wiki]}}\n"
+        "  - {name: p, command: prune, method: {type: magnitude}}\n",
+        ["'p'"],
+    ),
+    "unknown command": ("model: tiny:opt\nsteps:\n  - {name: x, command: squash}\n", ["squash"]),
     "a list": ("- {name: e, command: eval}\n", ["mapping"]),
     "a step that is not a mapping": ("steps: [eval]\n", ["step 1"]),
 }
@@ -234,6 +240,6 @@ def test_a_recipe_out_that_is_a_file(capsys, tmp_path, command) -> None:
     before = snapshot(tmp_path)
     args = ["run", recipe] if command == "run" else ["demo"]
     for force in ([], ["--force"], ["--resume"]):
-        code, out, err = run_cli(capsys, *args, "--out", target, *force)
+        code, _, err = run_cli(capsys, *args, "--out", target, *force)
         error_line(code, err, repr(str(target)), "file")
     assert snapshot(tmp_path) == before

@@ -40,3 +40,39 @@ def test_a_budget_above_every_width_is_warned_about_once(capsys, tmp_path) -> No
     assert code == 0, err
     warnings = [line for line in err.splitlines() if "widest width" in line]
     assert len(warnings) == 1 and "--avg-bits 99" in warnings[0]
+
+
+UNLEARN = ["unlearn", "tiny:opt", "--scenario", "book", "--no-save"]
+SWEEP = ["unlearn", "sweep", "tiny:opt", "--scenario", "facts", "--methods", "ga", "--seeds", "0"]
+
+
+@pytest.mark.parametrize("command", ["unlearn", "sweep"])
+@pytest.mark.parametrize(
+    ("flag", "value", "needles"),
+    [
+        ("--lr", "nan", ["lr", "nan", "finite"]),
+        ("--beta", "nan", ["beta", "nan"]),
+        ("--retain-weight", "nan", ["retain_weight", "nan"]),
+        ("--retain-weight", "inf", ["retain_weight", "inf"]),
+        ("--warmup", "inf", ["warmup", "inf"]),
+        ("--alpha", "nan", ["alpha", "nan"]),
+        ("--stop-forget-ce", "-inf", ["stop_forget_ce", "-inf"]),
+        ("--teach-lr", "nan", ["lr", "nan", "--teach-lr"]),  # not to be mistaken for --lr
+        ("--mink-ratio", "nan", ["mink_ratio", "nan"]),
+        ("--eval-seq-len", "0", ["ppl_seq_len", "--eval-seq-len"]),
+    ],
+)  # fmt: skip
+def test_unlearning_values_are_refused_at_once(
+    capsys, tmp_path, monkeypatch, command, flag, value, needles
+) -> None:
+    # Refused while the flags are read: no scenario is built, nothing loaded or trained.
+    monkeypatch.setattr("optlab.unlearning.job.prepare", _never_called)
+    args = UNLEARN if command == "unlearn" else SWEEP
+    before = snapshot(tmp_path)
+    code, _, err = run_cli(capsys, *args, f"{flag}={value}", "--out", tmp_path / "u")
+    error_line(code, err, *needles)
+    assert snapshot(tmp_path) == before
+
+
+def _never_called(*args: object, **kwargs: object) -> None:
+    raise AssertionError("training started before the bad value was refused")

@@ -168,13 +168,23 @@ def require(condition: bool, message: str) -> None:
         raise OptlabError(message)
 
 
+def _flag_note(config: Any, name: str) -> str:
+    """The flag of a field for an error message, when it is not ``--field-name``: two configs'
+    ``lr`` are ``--lr`` and ``--teach-lr``, and the message must say which was bad."""
+    fields = {f.name: f for f in dataclasses.fields(config)} if dataclasses.is_dataclass(
+        config) else {}  # fmt: skip
+    flag = fields[name].metadata.get("flag") if name in fields else None
+    return f" (from {flag})" if flag and flag != "--" + name.replace("_", "-") else ""
+
+
 def require_positive(config: Any, *names: str) -> None:
     """Each named field is a whole number of at least 1."""
     for name in names:
         value = getattr(config, name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                   or value < 1):  # fmt: skip
-            raise OptlabError(f"{name} must be a whole number of at least 1, got {value!r}")
+            raise OptlabError(f"{name} must be a whole number of at least 1, got {value!r}"
+                              + _flag_note(config, name))  # fmt: skip
 
 
 def require_finite(config: Any, *names: str) -> None:
@@ -182,7 +192,8 @@ def require_finite(config: Any, *names: str) -> None:
     for name in names:
         value = getattr(config, name)
         if value is not None and (not isinstance(value, int | float) or not math.isfinite(value)):
-            raise OptlabError(f"{name} must be a finite number, got {value!r}")
+            raise OptlabError(f"{name} must be a finite number, got {value!r}"
+                              + _flag_note(config, name))  # fmt: skip
 
 
 # --- methods: a config type registered under a command -------------------------------------
