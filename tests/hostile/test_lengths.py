@@ -121,3 +121,50 @@ def test_skeb_max_new_tokens_beyond_the_context(capsys, tmp_path) -> None:
                            "--max-new-tokens", "300", "--out", tmp_path / "s")  # fmt: skip
     error_line(code, err, "--max-new-tokens 300", "256")
     assert list(Path(tmp_path).iterdir()) == []
+
+
+def _never(what: str):
+    def called(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"{what} ran before the bad window was refused")
+
+    return called
+
+
+def _qa_files(folder: Path) -> list[object]:
+    for name in ("forget", "retain"):
+        (folder / f"{name}.jsonl").write_text('{"question": "Q?", "answer": "A"}\n' * 2)
+    return ["--forget", folder / "forget.jsonl", "--retain", folder / "retain.jsonl"]
+
+
+@pytest.mark.parametrize(
+    ("case", "work"),
+    [
+        ("prune eval window", "optlab.pruning.pruner.prune"),
+        ("prune window", "optlab.pruning.pruner.prune"),
+        ("quantize eval window", "optlab.eval.perplexity.wiki_perplexity"),
+        ("retrain eval window", "optlab.retraining.perp.retrain"),
+        ("unlearn eval window", "optlab.unlearning.job.prepare"),
+        ("sweep eval window", "optlab.unlearning.job.prepare"),
+    ],
+)
+def test_a_bad_window_is_refused_before_any_work(
+    capsys, tmp_path, monkeypatch, prune_run, case, work
+) -> None:
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    qa = _qa_files(inputs)
+    args = {
+        "prune eval window": [*PRUNE, "--seq-len", "32", "--eval-seq-len", "5000"],
+        "prune window": [*PRUNE, "--seq-len", "5000"],
+        "quantize eval window": [*QUANTIZE, "--eval-seq-len", "5000"],
+        "retrain eval window": ["retrain", prune_run, "--steps", "1", "--eval-seq-len", "5000"],
+        "unlearn eval window": ["unlearn", "tiny:opt", *qa, "--steps", "1", "--no-save",
+                                "--eval-seq-len", "5000"],
+        "sweep eval window": ["unlearn", "sweep", "tiny:opt", *qa, "--methods", "ga", "--seeds",
+                              "0", "--steps", "1", "--eval-seq-len", "5000"],
+    }[case]  # fmt: skip
+    monkeypatch.setattr(work, _never(work))
+    before = snapshot(tmp_path)
+    code, _, err = run_cli(capsys, *args, "--out", tmp_path / "o")
+    error_line(code, err, "5000", "context length 256")
+    assert snapshot(tmp_path) == before

@@ -122,3 +122,15 @@ def test_require_run_kind(tmp_path, prune_run) -> None:
         require_run_kind(prune_run, {"quantize"}, "retrain")
     with pytest.raises(OptlabError, match="is not a run directory"):
         require_run_kind(tmp_path, {"prune"}, "retrain")
+
+
+def test_quantize_refuses_nan_weights_before_measuring(capsys, tmp_path, monkeypatch, nan_model):
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("perplexity measured on a model that is refused")
+
+    monkeypatch.setattr("optlab.eval.perplexity.wiki_perplexity", never)
+    before = snapshot(tmp_path)
+    code, _, err = run_cli(capsys, "quantize", nan_model, "--uniform", "8", "--eval-limit", "1",
+                           "--out", tmp_path / "o")  # fmt: skip
+    error_line(code, err, "NaN or infinite", "k_proj")
+    assert snapshot(tmp_path) == before

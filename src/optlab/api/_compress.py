@@ -14,7 +14,7 @@ from optlab.core.calibration import Calibration
 from optlab.core.files import read_json_object
 from optlab.core.job import Result
 from optlab.core.layerwise import batched
-from optlab.core.models import LoadedModel, load_model
+from optlab.core.models import LoadedModel, load_model, require_finite_weights
 from optlab.core.run import Run, peak_memory_gb
 from optlab.errors import OptlabError
 from optlab.eval.perplexity import PerplexityEval
@@ -58,6 +58,8 @@ def prune(
     """
     lm = resolve_model(model)
     calib = Calibration() if calib is None else calib
+    if evaluation is not None:  # a bad evaluation window fails now, not after the pruning
+        evaluation.window(lm, calib.shape[1] if isinstance(calib, torch.Tensor) else calib.seq_len)
     job = job_of("prune", lm, seed, method=config, calib=data_record(calib), eval=evaluation)
 
     def body(run: Run | None) -> dict[str, Any]:
@@ -116,9 +118,15 @@ def quantize(
                quantizer=quantizer, storage=storage, calib=data_record(calib),
                eval=evaluation)  # fmt: skip
 
+    # Before any work: NaN weights would be measured (perplexity_before) before the
+    # quantizer refused them, and a bad evaluation window would fail only at the end.
+    require_finite_weights(lm.model, "quantize")
+    seq_len = calib.shape[1] if isinstance(calib, torch.Tensor) else window_length(
+        lm.model, calib.seq_len, default=QUANT_CALIB.seq_len)  # fmt: skip
+    if evaluation is not None:
+        evaluation.window(lm, seq_len)
+
     def body(run: Run | None) -> dict[str, Any]:
-        seq_len = calib.shape[1] if isinstance(calib, torch.Tensor) else window_length(
-            lm.model, calib.seq_len, default=QUANT_CALIB.seq_len)  # fmt: skip
         parameters = sum(p.numel() for p in lm.model.parameters())
         metrics: dict[str, Any] = {"fp16_bytes": 2 * parameters}
         measure = evaluation is not None and evaluation.enabled
@@ -201,6 +209,8 @@ def retrain(
                                                    default=PerpConfig.seq_len))  # fmt: skip
     if config.method == "reconstruct" and dense is None:
         raise OptlabError("reconstruct needs the dense model: pass dense=")
+    if evaluation is not None:  # a bad evaluation window fails now, not after the training
+        evaluation.window(lm, config.seq_len)
     dense_lm = None if dense is None else resolve_model(dense)
     # The source run's perplexity is read now: a damaged metrics.json fails before training.
     source_metrics = None if source is None else source / "metrics.json"

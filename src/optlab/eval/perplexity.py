@@ -89,10 +89,21 @@ class PerplexityEval:
     def __post_init__(self) -> None:
         require_positive(self, "limit", "seq_len")
 
-    def measure(self, lm: LoadedModel, seq_len: int | None, progress: bool = True) -> Any:
-        """The perplexity dict, or None when disabled; ``seq_len`` is the command's default."""
+    def window(self, lm: LoadedModel, seq_len: int | None) -> int | None:
+        """The window :meth:`measure` scores (None when disabled), checked against the model:
+        commands ask before their work, so a bad ``--eval-seq-len`` fails at once."""
         if not self.enabled:
             return None
-        if self.seq_len is not None:
-            return wiki_perplexity(lm, self.seq_len, self.limit, progress, what="--eval-seq-len")
-        return wiki_perplexity(lm, seq_len, self.limit, progress, what="--seq-len")
+        return window_length(lm.model, self.seq_len if self.seq_len is not None else seq_len,
+                             what=self._flag)  # fmt: skip
+
+    @property
+    def _flag(self) -> str:
+        return "--eval-seq-len" if self.seq_len is not None else "--seq-len"
+
+    def measure(self, lm: LoadedModel, seq_len: int | None, progress: bool = True) -> Any:
+        """The perplexity dict, or None when disabled; ``seq_len`` is the command's default."""
+        window = self.window(lm, seq_len)
+        if window is None:
+            return None
+        return wiki_perplexity(lm, window, self.limit, progress, what=self._flag)

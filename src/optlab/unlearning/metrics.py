@@ -40,7 +40,7 @@ from optlab.core.config import configurable, option, require, require_finite, re
 from optlab.core.models import LoadedModel
 from optlab.errors import OptlabError
 from optlab.eval.perplexity import wiki_perplexity
-from optlab.eval.scorer import Scorer
+from optlab.eval.scorer import Scorer, window_length
 from optlab.unlearning.data import Batch, Example, encode
 from optlab.unlearning.losses import token_logprobs
 
@@ -75,6 +75,13 @@ class EvalConfig:
         require(self.js_mode in JS_MODES, f"js_mode must be one of {', '.join(JS_MODES)}, got "
                 f"{self.js_mode!r}")  # fmt: skip
         require(0 < self.mink_ratio <= 1, f"mink_ratio must be in (0, 1], got {self.mink_ratio}")
+
+    def window(self, lm: LoadedModel) -> int:
+        """The perplexity window, checked against the model (the default 512 is capped at a
+        shorter context, an explicit longer one refused): asked right after loading, so a
+        bad ``--eval-seq-len`` fails before any training."""
+        return window_length(lm.model, self.ppl_seq_len, what="--eval-seq-len",
+                             default=EvalConfig.ppl_seq_len)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,6 +401,6 @@ def evaluate_model(
         metrics["harmful_rate"] = harm.rate(answers(scorer, questions, config.max_new_tokens))
     if perplexity:
         metrics["ppl"] = wiki_perplexity(
-            lm, config.ppl_seq_len, config.ppl_limit, progress, default=EvalConfig.ppl_seq_len
+            lm, config.window(lm), config.ppl_limit, progress, what="--eval-seq-len"
         )["perplexity"]
     return metrics
