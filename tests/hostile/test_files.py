@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,34 @@ def test_read_text_file(tmp_path) -> None:
     assert read_text_file(good(tmp_path, "e.txt", ""), "notes", allow_empty=True) == ""
     with pytest.raises(OptlabError, match=r"bad\.jsonl:2: not valid JSON"):
         list(read_jsonl(good(tmp_path, "bad.jsonl", QA + "{oops\n")))
+
+
+def _spoil_json(path: Path, how: str) -> None:
+    if how == "folder":
+        path.unlink(missing_ok=True)
+        path.mkdir()
+    else:
+        path.write_bytes({"latin1": LATIN1, "bad JSON": b'{"scores": ', "a list": b"[1, 2]"}[how])
+
+
+JSON_SPOILS = {"latin1": "not UTF-8", "folder": "is a folder", "bad JSON": "not valid JSON",
+               "a list": "JSON list"}  # fmt: skip
+
+
+@pytest.mark.parametrize("how", list(JSON_SPOILS))
+@pytest.mark.parametrize("reader", ["scores-from", "source metrics"])
+def test_a_spoiled_json_of_a_run_is_one_line(capsys, tmp_path, prune_run, reader, how) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(prune_run, run)
+    if reader == "scores-from":
+        name = "sensitivity.json"
+        args = ["quantize", "tiny:opt", "--avg-bits", "4", "--n-calib", "2", "--no-eval",
+                "--scores-from", run]  # fmt: skip
+    else:
+        name = "metrics.json"
+        args = ["retrain", run, "--steps", "1", "--no-eval"]
+    _spoil_json(run / name, how)
+    before = snapshot(tmp_path)
+    code, _, err = run_cli(capsys, *args, "--out", tmp_path / "o")
+    error_line(code, err, name, JSON_SPOILS[how])
+    assert snapshot(tmp_path) == before
