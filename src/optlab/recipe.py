@@ -30,7 +30,7 @@ import optlab.commands  # noqa: F401  (registers the commands a recipe may name)
 from optlab.audit.plots import bars
 from optlab.core.files import read_json_object, read_text_file
 from optlab.core.job import Job, get_command, load_job, run_job
-from optlab.core.run import atomic_write
+from optlab.core.run import atomic_write, warn_stale_partials
 from optlab.errors import OptlabError
 
 log = logging.getLogger("optlab")
@@ -116,6 +116,7 @@ def run_recipe(
     out = Path(out)
     steps = resolve_steps(data, out)
     _check_out(out, resume, force)
+    warn_stale_partials(out.parent)  # the steps' own runs look inside out, not beside it
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / RECIPE_FILE, yaml.safe_dump(data, sort_keys=False))
     results: dict[str, Any] = {}

@@ -162,3 +162,48 @@ def test_a_killed_run_leaves_a_stage_that_is_reported_and_cleaned(
     assert stage.name in caplog.text and "clean_stale_partials" in caplog.text
     assert clean_stale_partials(out.parent) == [stage]
     assert sorted(p.name for p in out.parent.iterdir()) == ["other"]
+
+
+def _wait_for_new_stage(parent: Path, process, old: list[Path], timeout: float = 120) -> Path:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stages = [p for p in parent.glob(".*.partial-*") if p not in old]
+        if stages and (stages[0] / "env.json").exists():
+            return stages[0]
+        assert process.poll() is None, process.stderr.read()
+        time.sleep(0.05)
+    raise AssertionError("the run never started")
+
+
+@pytest.mark.parametrize("command", ["eval", "rerun", "run"])
+def test_clean_stale_removes_dead_stages_and_never_a_live_one(
+    capsys, tmp_path, long_text, text_file, prune_run, spawn, command
+) -> None:
+    runs = tmp_path / "runs"
+    dead = spawn("eval", "tiny:opt", "--tasks", f"ppl:{long_text}", "--out", runs / "dead")
+    stage = _wait_for_new_stage(runs, dead, [])
+    dead.kill()  # SIGKILL: no chance to clean up
+    dead.wait(timeout=60)
+    live = spawn("eval", "tiny:opt", "--tasks", f"ppl:{long_text}", "--out", runs / "live")
+    live_stage = _wait_for_new_stage(runs, live, [stage])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: tiny:opt\nsteps:\n  - {name: e, command: eval, tasks: "
+                      f"{{tasks: ['ppl:{text_file}'], seq_len: 32, limit: 1}}}}\n")  # fmt: skip
+    args = {"eval": eval_args(text_file, runs / "a")[:-2], "rerun": ["rerun", prune_run],
+            "run": ["run", recipe]}[command]  # fmt: skip
+    code, _, err = run_cli(capsys, *args, "--out", runs / "a")
+    assert code == 0, err
+    assert stage.name in err and "--clean-stale" in err  # reported, not removed
+    assert stage.exists()
+    code, _, err = run_cli(capsys, *args, "--out", runs / "b", "--clean-stale")
+    assert code == 0, err
+    assert f"removed {stage}" in err and not stage.exists()
+    assert live_stage.exists() and live.poll() is None  # a live run's stage is never touched
+    assert str(live_stage) not in err
+
+
+def test_clean_stale_is_offered_by_every_command_that_writes_a_run(capsys) -> None:
+    for args in (["prune"], ["eval"], ["unlearn", "sweep"], ["audit", "skeb"], ["run"],
+                 ["rerun"], ["demo"]):  # fmt: skip
+        code, out, _ = run_cli(capsys, *args, "--help")
+        assert code == 0 and "--clean-stale" in out, args

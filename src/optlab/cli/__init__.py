@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from optlab.cli import runs
-from optlab.cli.generate import add_command, job_from_args
+from optlab.cli.generate import add_command, clean_stale_beside, job_from_args
 from optlab.errors import OptlabError
 
 log = logging.getLogger("optlab")
@@ -101,6 +101,8 @@ def _run_generated(args: argparse.Namespace) -> dict[str, Any]:
 
     job = job_from_args(args._command, args)
     out, force = getattr(args, "out", None), getattr(args, "force", False)
+    if getattr(args, "clean_stale", False):  # after the flags are valid, before the run
+        clean_stale_beside(out)
     return run_job(job, out, force=force).to_dict()
 
 

@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import types
 import typing
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from optlab.core.config import METHODS
 from optlab.core.job import Command, Job, Section
+from optlab.core.run import clean_stale_partials
 from optlab.errors import OptlabError
+
+log = logging.getLogger("optlab")
 
 COMMON_DESTS = ("seed", "device", "dtype")
 
@@ -143,6 +148,8 @@ def add_command(
         common.add_argument("--out", required=command.out in ("required", "file"), help=what)
         common.add_argument("--force", action="store_true",
                             help="replace an existing --out of optlab's")  # fmt: skip
+        if command.out != "file":  # a file output is written beside, not staged in a folder
+            add_clean_stale(common)
     common.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     common.add_argument("--seed", type=_number(int, "a whole number"), default=command.seed,
                         help=f"random seed (default {command.seed})")  # fmt: skip
@@ -151,6 +158,28 @@ def add_command(
                         help="weights and compute dtype (default float32)")  # fmt: skip
     parser.set_defaults(_command=command)
     return parser
+
+
+def add_clean_stale(group: argparse._ActionsContainer) -> None:
+    """The ``--clean-stale`` flag (see :func:`clean_stale_beside`)."""
+    group.add_argument("--clean-stale", action="store_true",
+                       help="first remove staging folders (.NAME.partial-PID-*) that runs "
+                       "killed before they could clean up left beside --out")  # fmt: skip
+
+
+def clean_stale_beside(out: str | Path | None, *, inside: bool = False) -> list[Path]:
+    """``--clean-stale``: remove the staging folders of dead runs beside ``out`` (and in it,
+    with ``inside``: a recipe's steps stage there), logging each; a folder whose process is
+    alive is never touched (:func:`optlab.core.run.stale_partials`)."""
+    if out is None:
+        return []
+    folders = [Path(out).parent, *([Path(out)] if inside else [])]
+    removed = [path for folder in folders for path in clean_stale_partials(folder)]
+    for path in removed:
+        log.info("removed %s: the staging folder of a run that died", path)
+    if not removed:
+        log.info("no stale staging folders beside %s", out)
+    return removed
 
 
 def _add_flag(

@@ -7,6 +7,8 @@ import argparse
 import time
 from typing import Any
 
+from optlab.cli.generate import add_clean_stale, clean_stale_beside
+
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     run = commands.add_parser(
@@ -24,6 +26,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                      help="skip finished steps whose settings are unchanged")  # fmt: skip
     run.add_argument("--force", action="store_true", help="run every step of --out again")
     run.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    add_clean_stale(run)
     run.set_defaults(handler=cmd_run)
 
     demo = commands.add_parser(
@@ -35,12 +38,14 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "Same as: optlab run quickstart --out DIR",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
-    demo.add_argument("--out", help="directory to write (default runs/demo-<time>)")
+    demo.add_argument("--out", default=time.strftime("runs/demo-%Y%m%d-%H%M%S"),
+                      help="directory to write (default runs/demo-<time>)")  # fmt: skip
     demo.add_argument("--force", action="store_true", help="run every step of --out again")
     demo.add_argument("--resume", action="store_true",
                       help="skip finished steps whose settings are unchanged")  # fmt: skip
     demo.add_argument("--limit", type=_positive, help="perplexity windows per evaluation (20)")
     demo.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    add_clean_stale(demo)
     demo.set_defaults(handler=cmd_demo)
 
     rerun = commands.add_parser(
@@ -54,18 +59,23 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     rerun.add_argument("--out", required=True, help="run directory to write")
     rerun.add_argument("--force", action="store_true", help="replace an existing run at --out")
     rerun.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    add_clean_stale(rerun)
     rerun.set_defaults(handler=cmd_rerun)
 
 
 def cmd_rerun(args: argparse.Namespace) -> dict[str, Any]:
     from optlab.api import rerun
 
+    if args.clean_stale:
+        clean_stale_beside(args.out)
     return rerun(args.run, out=args.out, force=args.force).to_dict()
 
 
 def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
     from optlab.recipe import run_recipe
 
+    if args.clean_stale:
+        clean_stale_beside(args.out, inside=True)  # the steps stage inside --out
     result = run_recipe(args.recipe, args.out, resume=args.resume, force=args.force)
     return _recipe_summary(result)
 
@@ -79,8 +89,9 @@ def _recipe_summary(result: dict[str, Any]) -> dict[str, Any]:
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     from optlab.recipe import quickstart
 
-    out = args.out or time.strftime("runs/demo-%Y%m%d-%H%M%S")
-    result = quickstart(out, limit=args.limit, resume=args.resume, force=args.force)
+    if args.clean_stale:
+        clean_stale_beside(args.out, inside=True)  # the steps stage inside --out
+    result = quickstart(args.out, limit=args.limit, resume=args.resume, force=args.force)
     return _recipe_summary(result)
 
 

@@ -144,7 +144,7 @@ class Run:
     ) -> None:
         self.path = check_target(path, force)
         self.force = force
-        _warn_stale_partials(self.path.parent)
+        warn_stale_partials(self.path.parent)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # The pid in the name tells a later run whether this folder's owner is still alive.
@@ -384,13 +384,15 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _warn_stale_partials(parent: Path) -> None:
+def warn_stale_partials(parent: Path) -> None:
+    """Say which staging folders of dead runs lie in ``parent`` (each run, and a recipe for
+    its ``--out``, looks once before it starts), and how to remove them."""
     stale = stale_partials(parent)
     if stale:
         names = ", ".join(p.name for p in stale[:3]) + (" ..." if len(stale) > 3 else "")
         log.warning("%d staging folder(s) of runs that died in %s: %s; remove them with "
-                    "optlab.core.run.clean_stale_partials(%r)", len(stale), parent, names,
-                    str(parent))  # fmt: skip
+                    "--clean-stale or optlab.core.run.clean_stale_partials(%r)", len(stale),
+                    parent, names, str(parent))  # fmt: skip
 
 
 @functools.cache
