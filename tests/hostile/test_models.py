@@ -134,3 +134,36 @@ def test_quantize_refuses_nan_weights_before_measuring(capsys, tmp_path, monkeyp
                            "--out", tmp_path / "o")  # fmt: skip
     error_line(code, err, "NaN or infinite", "k_proj")
     assert snapshot(tmp_path) == before
+
+
+def _no_tokenizer(model: Path) -> None:
+    for path in model.iterdir():
+        if path.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            path.unlink()
+
+
+def _empty_tokenizer(model: Path) -> None:
+    _no_tokenizer(model)
+    (model / "tokenizer_config.json").write_text("{}")
+
+
+@pytest.mark.parametrize("command", ["eval", "prune"])
+@pytest.mark.parametrize("kind", ["plain", "quantized"])
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [(_no_tokenizer, "has no tokenizer files"), (_empty_tokenizer, "has 1 token")],
+)
+def test_a_model_folder_without_its_tokenizer_is_refused(
+    capsys, tmp_path, prune_run, quant_run, kind, damage, message, command
+) -> None:
+    """transformers builds an empty tokenizer for such a folder: every text is 0 tokens."""
+    run = tmp_path / "run"
+    shutil.copytree(prune_run if kind == "plain" else quant_run, run)
+    damage(run / "model")
+    before = snapshot(tmp_path)
+    args = {"eval": ["eval", run, "--tasks", "ppl:wiki", "--limit", "1", "--seq-len", "32"],
+            "prune": ["prune", run / "model", "--method", "magnitude", "--no-eval",
+                      "--out", tmp_path / "o"]}[command]  # fmt: skip
+    code, _, err = run_cli(capsys, *args)
+    error_line(code, err, "model", message)
+    assert snapshot(tmp_path) == before

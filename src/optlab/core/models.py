@@ -80,6 +80,10 @@ RANDOM_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
 }  # fmt: skip
 RANDOM_ALIASES = {"smollm2-135m": "llama-135m"}
 
+# What a folder's tokenizer is loaded from (one of them is enough for AutoTokenizer).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "vocab.txt", "spiece.model")  # fmt: skip
+
 # Token 256 is the byte tokenizer's <|endoftext|>.
 _IDS = dict(bos_token_id=256, eos_token_id=256, pad_token_id=256)
 _TINY = dict(_IDS, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=320,
@@ -348,12 +352,27 @@ def _from_folder(
     except Exception as err:  # a damaged folder breaks transformers in many ways; name it
         raise OptlabError(f"cannot load weights of {source!r}: {type(err).__name__}: "
                           f"{_first_line(err)}") from err  # fmt: skip
+    return model, folder_tokenizer(source, local_only=local_only)
+
+
+def folder_tokenizer(source: str | Path, *, local_only: bool = True) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model folder (or hub id), one line naming it when it cannot be
+    loaded. Without its files transformers builds an empty tokenizer (one token, every text
+    0 tokens), so a folder that lost them would score nothing or garbage: it is refused."""
+    source = str(source)
+    if Path(source).is_dir() and not any((Path(source) / n).is_file() for n in TOKENIZER_FILES):
+        raise OptlabError(f"model folder {source!r} has no tokenizer files (none of "
+                          f"{', '.join(TOKENIZER_FILES)}); copy them from the model it was "
+                          "made from")  # fmt: skip
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
     except Exception as err:
         raise OptlabError(f"cannot load the tokenizer of {source!r}: {type(err).__name__}: "
                           f"{_first_line(err)}") from err  # fmt: skip
-    return model, tokenizer
+    if len(tokenizer) < 2:
+        raise OptlabError(f"the tokenizer of {source!r} has {len(tokenizer)} token(s): its "
+                          "files are damaged or missing")  # fmt: skip
+    return tokenizer
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from optlab.core.anatomy import weight_matrix
+from optlab.core.models import folder_tokenizer
 from optlab.core.modules import replace_module
 from optlab.core.run import atomic_write
 from optlab.errors import OptlabError
@@ -139,5 +140,4 @@ def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32) -> tu
     for key, source in manifest["aliases"].items():
         if not torch.equal(state[key], state[source]):  # the config must re-tie them
             raise OptlabError(f"tied tensor {key} does not equal {source} after loading")
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    return model, tokenizer
+    return model, folder_tokenizer(folder)  # refuses a folder that lost its tokenizer
