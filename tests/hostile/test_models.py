@@ -167,3 +167,20 @@ def test_a_model_folder_without_its_tokenizer_is_refused(
     code, _, err = run_cli(capsys, *args)
     error_line(code, err, "model", message)
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["prune", "QUANT", "--method", "magnitude", "--no-eval"],
+        ["prune", "QUANT", "--method", "wanda", "--n-calib", "2", "--seq-len", "16"],
+        ["quantize", "QUANT", "--uniform", "4", "--no-eval"],
+        ["quantize", "QUANT", "--avg-bits", "4", "--n-calib", "2", "--eval-limit", "1"],
+    ],
+)
+def test_packed_weights_cannot_be_compressed_again(capsys, tmp_path, quant_run, args) -> None:
+    """A packed model has no float linears: the sparsity and bit averages divided by zero."""
+    args = [quant_run if a == "QUANT" else a for a in args]
+    code, _, err = run_cli(capsys, *args, "--out", tmp_path / "o")
+    error_line(code, err, "without float linear layers", "quantized from")
+    assert list(tmp_path.iterdir()) == []

@@ -58,6 +58,7 @@ def prune(
     """
     lm = resolve_model(model)
     calib = Calibration() if calib is None else calib
+    require_finite_weights(lm.model, "prune")  # before calibration: packed or NaN weights
     if evaluation is not None:  # a bad evaluation window fails now, not after the pruning
         evaluation.window(lm, calib.shape[1] if isinstance(calib, torch.Tensor) else calib.seq_len)
     job = job_of("prune", lm, seed, method=config, calib=data_record(calib), eval=evaluation)

@@ -249,8 +249,15 @@ def check_finite_weights(model: nn.Module) -> list[str]:
 
 
 def require_finite_weights(model: nn.Module, command: str) -> None:
-    """Refuse to ``command`` a model with NaN or infinite weights: its scores (and so its
-    masks, bit widths, ...) would be silently wrong."""
+    """Refuse to ``command`` a model whose blocks hold no float linear layers (packed
+    quantized weights: nothing to score, and a division by zero once) or NaN or infinite
+    weights: its scores (and so its masks, bit widths, ...) would be silently wrong."""
+    from optlab.core.anatomy import Anatomy
+
+    anatomy = Anatomy.of(model)
+    if not any(anatomy.linears(block) for block in anatomy.blocks):
+        raise OptlabError(f"cannot {command} a model without float linear layers (packed "
+                          "quantized weights?); give the model it was quantized from")  # fmt: skip
     bad = check_finite_weights(model)
     if bad:
         raise OptlabError(
