@@ -243,3 +243,19 @@ def test_a_recipe_out_that_is_a_file(capsys, tmp_path, command) -> None:
         code, _, err = run_cli(capsys, *args, "--out", target, *force)
         error_line(code, err, repr(str(target)), "file")
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("how", ["missing", "empty folder", "a file", "latin1 file"])
+@pytest.mark.parametrize("command", ["info", "rerun"])
+def test_a_model_or_run_that_is_not_one(capsys, tmp_path, command, how) -> None:
+    """info takes a model (a folder), rerun a run (a folder or its config.yaml)."""
+    target = tmp_path / "thing"
+    if how == "empty folder":
+        target.mkdir()
+    elif how != "missing":
+        target.write_bytes(LATIN1 if how == "latin1 file" else b"hello\n")
+    before = snapshot(tmp_path)
+    args = ["info", target] if command == "info" else ["rerun", target, "--out", tmp_path / "o"]
+    code, out, err = run_cli(capsys, *args)
+    error_line(code, err, "thing")
+    assert out == "" and snapshot(tmp_path) == before

@@ -76,3 +76,17 @@ def test_unlearning_values_are_refused_at_once(
 
 def _never_called(*args: object, **kwargs: object) -> None:
     raise AssertionError("training started before the bad value was refused")
+
+
+@pytest.mark.parametrize(
+    ("budget", "widths", "warned"),
+    [("8", "8,4", True), ("16", None, True), ("7.5", "8,4", False)],
+)
+def test_a_budget_at_the_widest_width_is_warned_about(
+    capsys, tmp_path, budget, widths, warned
+) -> None:
+    extra = ["--widths", widths] if widths else []
+    code, _, err = run_cli(capsys, *QUANTIZE, "--avg-bits", budget, *extra, "--out", tmp_path / "q")
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if "widest width" in line]
+    assert len(lines) == int(warned) and all(f"--avg-bits {budget} " in line for line in lines)
