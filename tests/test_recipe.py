@@ -96,3 +96,29 @@ def test_shipped_recipes_load_and_resolve(tmp_path) -> None:
     chain = dict(resolve_steps(load_recipe("prune-retrain-quantize"), tmp_path))
     assert chain["perp"].inputs == {"run": str(tmp_path / "sparsegpt24")}
     assert chain["int4"].inputs == {"model": str(tmp_path / "perp")}
+
+
+def test_the_chain_recipe_runs_end_to_end_on_a_tiny_model(tmp_path) -> None:
+    """prune-retrain-quantize's shape (run: and model: naming earlier steps) on tiny:llama."""
+    recipe = load_recipe("prune-retrain-quantize")
+    small = {"calib": {"corpus": "book", "n": 4, "seq_len": 32}, "eval": {"limit": 1}}
+    steps = []
+    for step in recipe["steps"]:
+        step = {**step, **({k: v for k, v in small.items() if k in step})}
+        if step["command"] == "retrain":
+            step["method"] = {**step["method"], "steps": 2, "seq_len": 32, "corpus": "book"}
+        if step["command"] == "quantize":
+            step["quantizer"] = {**step["quantizer"], "group_size": 32}
+        if step["command"] == "eval":
+            step["tasks"] = {"tasks": ["ppl:book"], "limit": 1, "seq_len": 32}
+        steps.append(step)
+    out = tmp_path / "chain"
+    result = run_recipe({**recipe, "model": "tiny:llama", "steps": steps}, out, progress=False)
+    metrics = {name: step["metrics"] for name, step in result["steps"].items()}
+    assert metrics["sparsegpt24"]["sparsity"]["total"] == 0.5
+    assert metrics["perp"]["mask_held"] and len(metrics["perp"]["losses"]) == 2
+    assert metrics["int4"]["avg_bits"] == 4
+    assert metrics["int4-eval"]["tasks"]["ppl:book"]["windows"] == 1
+    assert yaml.safe_load((out / "perp" / "config.yaml").read_text())["run"] == str(
+        out / "sparsegpt24"
+    )
