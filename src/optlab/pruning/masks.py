@@ -90,11 +90,16 @@ def masks_of(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def sparsity_report(model: nn.Module) -> dict[str, float | dict[str, float]]:
-    """Fraction of zero weights per block linear and over all of them."""
+    """Fraction of zero weights per block linear and over all of them. An offloaded linear
+    (``device_map`` with disk or CPU offload) holds a meta tensor between forwards: its weight
+    is brought in from the offload store to be counted."""
+    from accelerate.utils import align_module_device
+
     per_layer, zeros, total = {}, 0, 0
     for name, module in pruned_linears(model).items():
-        weight = weight_matrix(module)
-        layer_zeros = int((weight == 0).sum())
+        with align_module_device(module):
+            weight = weight_matrix(module)
+            layer_zeros = int((weight == 0).sum())
         per_layer[name] = layer_zeros / weight.numel()
         zeros += layer_zeros
         total += weight.numel()
