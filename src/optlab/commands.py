@@ -14,6 +14,8 @@ from optlab.audit.reliability import ReliabilityConfig
 from optlab.audit.skeb import SkebConfig
 from optlab.core.calibration import Calibration
 from optlab.core.job import COMMANDS, Command, Input, Job, Result, Section, register_command
+from optlab.embed.prompteol import PromptEOLConfig
+from optlab.embed.sts import STSEval
 from optlab.eval.perplexity import PerplexityEval
 from optlab.eval.tasks import TaskEval
 from optlab.pruning.pruner import WandaConfig
@@ -230,6 +232,9 @@ register_command(Command(
 
 RUNS_CSV = Input("runs", "RUNS.csv", "table of unlearning runs (the runs.csv of unlearn sweep)")
 GROUPS = {  # two-word commands ("audit skeb") are subcommands of their first word
+    "embed": ("sentence embeddings by PromptEOL: encode texts, evaluate on STS",
+              "Sentence embeddings from a causal LM by prompting (PromptEOL, Jiang et al. 2023):\n"
+              "the last token's hidden state of 'This sentence : \"[X]\" means in one word:\"'."),
     "audit": ("audit unlearning: metric reliability (UQS), persuasion probes (SKeB)",
               "Did unlearning really forget, and can its numbers be trusted?"),
 }  # fmt: skip
@@ -300,6 +305,44 @@ register_command(Command(
     out="file",
     examples=("optlab audit graph --corpus book.txt --entities names.txt --aliases "
               "aliases.json --unit-regex '^CHAPTER' --out book-graph.json",),
+))  # fmt: skip
+
+
+def _embed_encode(job: Job, *, out: str | Path | None, force: bool, progress: bool) -> Result:
+    return api.embed_encode(_load(job), job.inputs["texts"], job.configs["prompt"], out=out,
+                            force=force, progress=progress)  # fmt: skip
+
+
+register_command(Command(
+    name="embed encode",
+    help="embed texts (one per line, or a .jsonl text field) into a .npy array",
+    description="Embed every text of FILE (.txt: one per line; .jsonl: each line's 'text') by\n"
+    "PromptEOL and write the [n, d] float32 array to --out (.npy, rows in the file's order).",
+    inputs=(MODEL_OR_RUN, Input("texts", "FILE", "texts to embed: .txt or .jsonl")),
+    sections=(Section("prompt", PromptEOLConfig(), "prompt"),),
+    run=_embed_encode,
+    out="file",
+    examples=("optlab embed encode default sentences.txt --out emb.npy",),
+))  # fmt: skip
+
+
+def _embed_eval(job: Job, *, out: str | Path | None, force: bool, progress: bool) -> Result:
+    return api.embed_eval(_load(job), job.configs["sts"], job.configs["prompt"], seed=job.seed,
+                          out=out, force=force, progress=progress)  # fmt: skip
+
+
+register_command(Command(
+    name="embed eval",
+    help="Spearman x100 of PromptEOL similarities on STS sets",
+    description="Score PromptEOL embeddings of MODEL on semantic similarity: Spearman x100\n"
+    "between cosine similarities and human scores, on the shipped Lee documents (1225 pairs),\n"
+    "WordSim-353 and SimLex-999 (a word as the sentence), or your STS-B / SICK .tsv/.csv.",
+    inputs=(MODEL_OR_RUN,),
+    sections=(Section("sts", STSEval(), "similarity sets"),
+              Section("prompt", PromptEOLConfig(), "prompt")),
+    run=_embed_eval,
+    out="optional",
+    examples=("optlab embed eval default --sts lee,wordsim353 --demo opt-2.7b",),
 ))  # fmt: skip
 
 

@@ -17,6 +17,7 @@ harness (:func:`optlab.core.run.execute`) whose ``config.yaml`` replays it
 from optlab.api._audits import audit_graph, audit_reliability, audit_skeb
 from optlab.api._base import rerun, resolve_model
 from optlab.api._compress import QUANT_CALIB, prune, quantize, retrain
+from optlab.api._embed import embed_encode, embed_eval
 from optlab.api._evaluation import describe_model, evaluate, info
 from optlab.api._unlearning import unlearn, unlearn_sweep
 from optlab.audit.graph import GraphConfig
@@ -28,6 +29,8 @@ from optlab.core.job import Result
 from optlab.core.layerwise import BlockContext, run_layerwise
 from optlab.core.models import LoadedModel, load_model
 from optlab.core.run import Run
+from optlab.embed.prompteol import Embedder, PromptEOLConfig
+from optlab.embed.sts import STSEval
 from optlab.errors import OptlabError
 from optlab.eval.perplexity import PerplexityEval, perplexity
 from optlab.eval.scorer import Scorer
@@ -60,6 +63,7 @@ __all__ = [
     "BlockContext",
     "CMPQConfig",
     "Calibration",
+    "Embedder",
     "EvalConfig",
     "Example",
     "GPTQConfig",
@@ -71,10 +75,12 @@ __all__ = [
     "PMPQConfig",
     "PerpConfig",
     "PerplexityEval",
+    "PromptEOLConfig",
     "RTNConfig",
     "ReliabilityConfig",
     "Result",
     "Run",
+    "STSEval",
     "Scenario",
     "Scorer",
     "SkebConfig",
@@ -93,6 +99,8 @@ __all__ = [
     "audit_reliability",
     "audit_skeb",
     "describe_model",
+    "embed_encode",
+    "embed_eval",
     "evaluate",
     "get_task",
     "info",
