@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import logging
 import time
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from optlab.api._base import execute_job, job_of, resolve_model
+from optlab.core.data import read_jsonl
 from optlab.core.files import read_text_file
 from optlab.core.job import Result
 from optlab.core.models import LoadedModel
@@ -25,21 +25,14 @@ log = logging.getLogger("optlab")
 
 def read_texts(path: str | Path) -> list[str]:
     """The texts of a file: one per line (``.txt``), or each line's ``text`` (``.jsonl``)."""
-    text = read_text_file(path, "input file")
     if Path(path).suffix == ".jsonl":
         texts = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise OptlabError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+        for number, obj in read_jsonl(path, "input file"):
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                 raise OptlabError(f"{path}:{number}: expected an object with a 'text' field")
             texts.append(obj["text"])
     else:
-        texts = [line for line in text.splitlines() if line.strip()]
+        texts = [line for line in read_text_file(path, "input file").splitlines() if line.strip()]
     if not texts:
         raise OptlabError(f"{path}: no texts to embed")
     return texts
