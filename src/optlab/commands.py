@@ -136,7 +136,8 @@ register_command(Command(
 
 def _retrain(job: Job, *, out: str | Path | None, force: bool, progress: bool) -> Result:
     return api.retrain(job.inputs["run"], job.configs["method"], evaluation=job.configs["eval"],
-                       seed=job.seed, out=out, force=force, progress=progress)  # fmt: skip
+                       seed=job.seed, device=job.device, dtype=job.dtype, out=out,
+                       force=force, progress=progress)  # fmt: skip
 
 
 register_command(Command(

@@ -139,8 +139,8 @@ def run_recipe(
         results[name] = {"command": job.command, "metrics": result.metrics,
                          "run": str(target), "seconds": seconds}  # fmt: skip
     summary = {"steps": results, "seconds": time.perf_counter() - start}
-    atomic_write(out / "report.md", recipe_report(data, results, out))
-    atomic_write(out / "report.html", recipe_html(data, results, out))
+    atomic_write(out / "report.md", recipe_report(data, results))
+    atomic_write(out / "report.html", recipe_html(data, results))
     log.info("recipe written to %s (report: %s)", out, out / "report.html")
     return {**summary, "run": str(out), "report": str(out / "report.md")}
 
@@ -173,7 +173,7 @@ def _saved(target: Path, job: Job) -> dict[str, Any]:
             "skipped": True}  # fmt: skip
 
 
-def headline(command: str, metrics: Mapping[str, Any]) -> dict[str, float]:
+def headline(metrics: Mapping[str, Any]) -> dict[str, float]:
     """The comparable numbers of a step: perplexity, accuracies, sparsity, bits, size."""
     found: dict[str, float] = {}
     tasks = metrics.get("tasks", {})
@@ -198,7 +198,7 @@ def headline(command: str, metrics: Mapping[str, Any]) -> dict[str, float]:
 def _columns(results: Mapping[str, Any]) -> list[str]:
     columns: list[str] = []
     for step in results.values():
-        columns += [c for c in headline(step["command"], step["metrics"]) if c not in columns]
+        columns += [c for c in headline(step["metrics"]) if c not in columns]
     return columns
 
 
@@ -206,7 +206,7 @@ def _cell(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
-def recipe_report(recipe: Mapping[str, Any], results: Mapping[str, Any], out: Path) -> str:
+def recipe_report(recipe: Mapping[str, Any], results: Mapping[str, Any]) -> str:
     """A Markdown table across the steps, then where each step's run is."""
     columns = _columns(results)
     lines = [f"# {recipe.get('title', 'optlab recipe')}", "",
@@ -214,7 +214,7 @@ def recipe_report(recipe: Mapping[str, Any], results: Mapping[str, Any], out: Pa
              "| step | command | " + " | ".join(columns) + " | seconds |",
              "|---" * (len(columns) + 3) + "|"]  # fmt: skip
     for name, step in results.items():
-        values = headline(step["command"], step["metrics"])
+        values = headline(step["metrics"])
         seconds = "skipped" if step.get("skipped") else f"{step['seconds']:.1f}"
         cells = [name, step["command"], *(_cell(values.get(c)) for c in columns), seconds]
         lines.append("| " + " | ".join(cells) + " |")
@@ -252,7 +252,7 @@ def _plots(results: Mapping[str, Any]) -> list[tuple[str, bytes]]:
     own PNG files (e.g. quantize's sensitivity.png)."""
     plots = []
     for column in _columns(results):
-        steps = {n: headline(s["command"], s["metrics"]).get(column) for n, s in results.items()}
+        steps = {n: headline(s["metrics"]).get(column) for n, s in results.items()}
         steps = {n: v for n, v in steps.items() if v is not None}
         if len(steps) >= 2:
             plots.append((column, bars(list(steps), list(steps.values()), column, column)))
@@ -262,13 +262,13 @@ def _plots(results: Mapping[str, Any]) -> list[tuple[str, bytes]]:
     return plots
 
 
-def recipe_html(recipe: Mapping[str, Any], results: Mapping[str, Any], out: Path) -> str:
+def recipe_html(recipe: Mapping[str, Any], results: Mapping[str, Any]) -> str:
     """The report as one HTML file with its plots embedded (no files beside it needed)."""
     columns = _columns(results)
     head = "".join(f"<th>{html.escape(c)}</th>" for c in ["step", "command", *columns, "seconds"])
     rows = []
     for name, step in results.items():
-        values = headline(step["command"], step["metrics"])
+        values = headline(step["metrics"])
         seconds = "skipped" if step.get("skipped") else f"{step['seconds']:.1f}"
         cells = [name, step["command"], *(_cell(values.get(c)) for c in columns), seconds]
         rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")

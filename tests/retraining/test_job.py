@@ -34,3 +34,17 @@ def test_retrain_refuses_a_folder_that_is_not_a_run(tmp_path, capsys) -> None:
     assert main(["retrain", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "not a run directory" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_retrain_loads_the_run_in_the_dtype_asked_for(tmp_path, capsys, corpus) -> None:
+    from optlab.core.job import load_job
+
+    pruned, retrained = tmp_path / "pruned", tmp_path / "bf16"
+    assert main(["prune", "tiny:llama", "--method", "magnitude", "--no-eval",
+                 "--out", str(pruned)]) == 0  # fmt: skip
+    assert main(["retrain", str(pruned), "--steps", "1", "--seq-len", "16", "--corpus", corpus,
+                 "--dtype", "bfloat16", "--no-eval", "--out", str(retrained)]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert load_job(retrained).dtype == "bfloat16"  # recorded as run, so rerun replays it
+    saved = load_file(retrained / "model" / "model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.bfloat16}  # trained in bf16, not fp32

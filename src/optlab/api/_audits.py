@@ -80,7 +80,7 @@ def audit_skeb(
     graph = load_domain(config.domain)
     facts, probes = skeb.resolve_facts(config, lm.spec, graph)
     library = TemplateLibrary.load(config.templates) if probes is None else None
-    device, dtype = str(lm.device), str(next(lm.model.parameters()).dtype).removeprefix("torch.")
+    device, dtype = str(lm.device), lm.dtype_name
 
     def load(spec: str) -> LoadedModel:
         return load_model(spec, dtype=dtype, device=device, seed=seed)

@@ -43,7 +43,7 @@ def job_of(
     inputs: dict[str, Any] | None = None,
     **configs: Any,
 ) -> Job:
-    dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
+    dtype = lm.dtype_name
     return Job(command, inputs or {"model": lm.spec}, configs, seed=seed, device=str(lm.device),
                dtype=dtype, model_seed=None if lm.seed == seed else lm.seed)  # fmt: skip
 

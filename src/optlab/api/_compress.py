@@ -178,31 +178,35 @@ def retrain(
     dense: LoadedModel | str | Path | None = None,
     evaluation: PerplexityEval | None = None,
     seed: int = 0,
+    device: str = "cpu",
+    dtype: str = "float32",
     out: str | Path | None = None,
     force: bool = False,
     progress: bool = True,
 ) -> Result:
     """Retrain a pruned model (a prune run directory, or a loaded pruned model) in place: PERP
-    (biases, norms and masked LoRA adapters, merged back), full retraining with the masks
-    re-applied, or block-wise reconstruction of ``dense`` (by default the run's own dense
-    model). The sparsity mask holds exactly (``mask_held``).
+        (biases, norms and masked LoRA adapters, merged back), full retraining with the masks
+        re-applied, or block-wise reconstruction of ``dense`` (by default the run's own dense
+        model). The sparsity mask holds exactly (``mask_held``). A run directory (and the dense
+    model named in it) is loaded on ``device`` in ``dtype``.
 
-    >>> lm = load_model("tiny:llama")
-    >>> _ = prune(lm, MagnitudeConfig(), progress=False)
-    >>> result = retrain(lm, PerpConfig(steps=2, seq_len=32, corpus="book"), progress=False)
-    >>> result["mask_held"], len(result["losses"])
-    (True, 2)
+        >>> lm = load_model("tiny:llama")
+        >>> _ = prune(lm, MagnitudeConfig(), progress=False)
+        >>> result = retrain(lm, PerpConfig(steps=2, seq_len=32, corpus="book"), progress=False)
+        >>> result["mask_held"], len(result["losses"])
+        (True, 2)
     """
     config = replace(config or PerpConfig(), seed=seed)  # the call's seed is the config's
     source: Path | None = None
     if not isinstance(model, LoadedModel):
         source, source_config = source_run(model)
-        lm = load_model(str(source), seed=seed)
+        lm = load_model(str(source), dtype=dtype, device=device, seed=seed)
         if config.method == "reconstruct" and dense is None:
             dense = source_config.get("model")
             if not dense:
                 raise OptlabError(f"{source}/config.yaml does not name the dense model to match")
-            dense = load_model(str(dense), seed=source_config.get("seed", 0))
+            dense = load_model(str(dense), dtype=dtype, device=device,
+                               seed=source_config.get("seed", 0))  # fmt: skip
     else:
         lm = model
     # The job records the window really used: PERP's default 512 capped at a short context.
@@ -212,7 +216,7 @@ def retrain(
         raise OptlabError("reconstruct needs the dense model: pass dense=")
     if evaluation is not None:  # a bad evaluation window fails now, not after the training
         evaluation.window(lm, config.seq_len)
-    dense_lm = None if dense is None else resolve_model(dense)
+    dense_lm = None if dense is None else resolve_model(dense, dtype=dtype, device=device)
     # The source run's perplexity is read now: a damaged metrics.json fails before training.
     source_metrics = None if source is None else source / "metrics.json"
     source_perplexity = None

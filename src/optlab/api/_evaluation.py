@@ -12,7 +12,7 @@ from optlab.core.anatomy import Anatomy, weight_matrix
 from optlab.core.job import Result
 from optlab.core.models import LoadedModel
 from optlab.core.run import Run
-from optlab.eval.scorer import Scorer, context_length, window_length
+from optlab.eval.scorer import Scorer, context_length, native_context, window_length
 from optlab.eval.tasks import TaskEval, run_tasks
 
 log = logging.getLogger("optlab")
@@ -38,8 +38,8 @@ def describe_model(lm: LoadedModel) -> dict[str, Any]:
         "parameters_per_block": per_block,
         "hidden_size": lm.model.config.hidden_size,
         "vocab_size": lm.model.config.vocab_size,
-        "context_length": context_length_native(lm),
-        "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
+        "context_length": native_context(lm.model),
+        "dtype": lm.dtype_name,
         "linears_per_block": len(linears),
         "linears": {name: "x".join(map(str, shape)) for name, shape in linears.items()},
     }
@@ -95,11 +95,6 @@ def info(model: LoadedModel | str | Path) -> Result:
     '256x64'
     """
     return Result(describe_model(resolve_model(model)))
-
-
-def context_length_native(lm: LoadedModel) -> int | None:
-    config = lm.model.config
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
 def eval_report(result: dict[str, Any]) -> str:

@@ -22,11 +22,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     run.add_argument("recipe", metavar="RECIPE", help="a recipe .yaml file or a shipped name")
     run.add_argument("--out", required=True, help="directory for the steps' runs and reports")
-    run.add_argument("--resume", action="store_true",
-                     help="skip finished steps whose settings are unchanged")  # fmt: skip
-    run.add_argument("--force", action="store_true", help="run every step of --out again")
-    run.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-    add_clean_stale(run)
+    _recipe_options(run)
     run.set_defaults(handler=cmd_run)
 
     demo = commands.add_parser(
@@ -40,12 +36,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     demo.add_argument("--out", default=time.strftime("runs/demo-%Y%m%d-%H%M%S"),
                       help="directory to write (default runs/demo-<time>)")  # fmt: skip
-    demo.add_argument("--force", action="store_true", help="run every step of --out again")
-    demo.add_argument("--resume", action="store_true",
-                      help="skip finished steps whose settings are unchanged")  # fmt: skip
     demo.add_argument("--limit", type=_positive, help="perplexity windows per evaluation (20)")
-    demo.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-    add_clean_stale(demo)
+    _recipe_options(demo)
     demo.set_defaults(handler=cmd_demo)
 
     rerun = commands.add_parser(
@@ -61,6 +53,15 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     rerun.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     add_clean_stale(rerun)
     rerun.set_defaults(handler=cmd_rerun)
+
+
+def _recipe_options(parser: argparse.ArgumentParser) -> None:
+    """The flags of the two commands that run a recipe (``run`` and ``demo``)."""
+    parser.add_argument("--resume", action="store_true",
+                        help="skip finished steps whose settings are unchanged")  # fmt: skip
+    parser.add_argument("--force", action="store_true", help="run every step of --out again")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    add_clean_stale(parser)
 
 
 def cmd_rerun(args: argparse.Namespace) -> dict[str, Any]:

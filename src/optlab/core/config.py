@@ -23,7 +23,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar, get_type_hints
+from typing import Any, Generic, TypeVar
 
 from optlab.errors import OptlabError, did_you_mean
 
@@ -135,12 +135,11 @@ def config_from_dict(data: dict[str, Any], cls: type[T] | None = None) -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise did_you_mean(f"{cls.__name__} field", unknown[0], fields)
-    hints = get_type_hints(cls)
-    values = {k: _typed(hints[k], v) for k, v in data.items()}
+    values = {k: _typed(v) for k, v in data.items()}
     return cls(**values)
 
 
-def _typed(hint: Any, value: Any) -> Any:
+def _typed(value: Any) -> Any:
     """YAML gives lists where configs hold tuples, and dicts where they hold configs."""
     if isinstance(value, dict) and "type" in value:
         return config_from_dict(value)

@@ -33,7 +33,7 @@ from transformers import (
 
 from optlab.core import hooks
 from optlab.core.files import read_text_file
-from optlab.errors import OptlabError, did_you_mean
+from optlab.errors import OptlabError, did_you_mean, first_line
 
 log = logging.getLogger("optlab")
 
@@ -122,6 +122,11 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def dtype_name(self) -> str:
+        """The weights' dtype as the CLI spells it (``float32``, ``bfloat16``, ...)."""
+        return str(next(self.model.parameters()).dtype).removeprefix("torch.")
 
 
 def cache_dir() -> Path:
@@ -317,7 +322,7 @@ def _check_model_files(folder: Path) -> None:
                 handle.keys()
         except (SafetensorError, OSError) as err:
             raise OptlabError(f"weights file {path} is damaged or not safetensors: "
-                              f"{_first_line(err)}") from None  # fmt: skip
+                              f"{first_line(err)}") from None  # fmt: skip
 
 
 def _from_folder(
@@ -344,7 +349,7 @@ def _from_folder(
     try:
         config = AutoConfig.from_pretrained(source, local_files_only=local_only)
     except (OSError, ValueError) as err:
-        raise OptlabError(f"cannot load model {source!r}: {_first_line(err)}") from err
+        raise OptlabError(f"cannot load model {source!r}: {first_line(err)}") from err
     _require_causal_lm(config, source)
     # safetensors only: never unpickle weights from an untrusted checkpoint.
     try:
@@ -354,11 +359,11 @@ def _from_folder(
         )  # fmt: skip
     except OSError as err:
         raise OptlabError(
-            f"cannot load weights of {source!r}: {_first_line(err)} (optlab reads safetensors only)"
+            f"cannot load weights of {source!r}: {first_line(err)} (optlab reads safetensors only)"
         ) from err
     except Exception as err:  # a damaged folder breaks transformers in many ways; name it
         raise OptlabError(f"cannot load weights of {source!r}: {type(err).__name__}: "
-                          f"{_first_line(err)}") from err  # fmt: skip
+                          f"{first_line(err)}") from err  # fmt: skip
     return model, folder_tokenizer(source, local_only=local_only)
 
 
@@ -375,7 +380,7 @@ def folder_tokenizer(source: str | Path, *, local_only: bool = True) -> PreTrain
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
     except Exception as err:
         raise OptlabError(f"cannot load the tokenizer of {source!r}: {type(err).__name__}: "
-                          f"{_first_line(err)}") from err  # fmt: skip
+                          f"{first_line(err)}") from err  # fmt: skip
     if len(tokenizer) < 2:
         raise OptlabError(f"the tokenizer of {source!r} has {len(tokenizer)} token(s): its "
                           "files are damaged or missing")  # fmt: skip
@@ -478,11 +483,6 @@ def prepare_default() -> Path:
         shutil.rmtree(staging, ignore_errors=True)
     log.warning("Default model ready in %s", target)
     return target
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 
 
 def save_model(lm: LoadedModel, folder: str | Path) -> Path:

@@ -34,7 +34,7 @@ import torch
 import yaml
 
 from optlab.core.files import read_text_file
-from optlab.errors import OptlabError
+from optlab.errors import OptlabError, first_line
 
 log = logging.getLogger("optlab")
 
@@ -334,7 +334,7 @@ def read_run_config(folder: str | Path) -> dict[str, Any]:
     try:
         config = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        problem = getattr(err, "problem", None) or _first_line(err)
+        problem = getattr(err, "problem", None) or first_line(err)
         raise OptlabError(f"{path} is not a plain YAML run config ({problem}); optlab never "
                           "loads Python tags such as !!python/object") from None  # fmt: skip
     if config is None:
@@ -365,11 +365,6 @@ def require_run_kind(path: str | Path, kinds: set[str], what: str) -> dict[str, 
 
 def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
 
 
 def _pid_alive(pid: int) -> bool:

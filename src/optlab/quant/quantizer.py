@@ -92,7 +92,7 @@ def dequantize(
     groups = split // group_size
     # In place on one float copy of the codes: a quantized model runs this on every prefill
     # forward, and each extra temporary is another pass over a weight-sized buffer.
-    w = codes.to(torch.float32)
+    w = codes.to(torch.float32, copy=True)  # edited in place below: never the caller's codes
     w[:, :split].view(rows, groups, group_size).sub_(zero[:, :groups]).mul_(scale[:, :groups])
     if split < cols:
         w[:, split:].sub_(zero[:, -1]).mul_(scale[:, -1])

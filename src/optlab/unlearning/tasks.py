@@ -36,7 +36,8 @@ def unlearn_task(run: str) -> Task:
             text = read_text_file(path, f"{part} set", allow_empty=True)
             sets.append(load_examples(path) if text.strip() else [])
         lm = LoadedModel(scorer.model, scorer.tokenizer, str(folder))
-        config = EvalConfig(samples=limit or 100, ppl_seq_len=seq_len or 512)
+        given = {"samples": limit, "ppl_seq_len": seq_len}  # the rest: EvalConfig's defaults
+        config = EvalConfig(**{k: v for k, v in given.items() if v is not None})
         return evaluate_model(lm, *sets, config)
 
     return task
