@@ -42,7 +42,8 @@ def test_import_optlab_gives_the_commands_as_functions() -> None:
         "assert r['sparsity']['total'] == 0.5, r\n"
         "import optlab.pruning.masks, optlab.retraining.perp, optlab.unlearning.job\n"
         "for name in ('evaluate', 'prune', 'retrain', 'quantize', 'unlearn', 'unlearn_sweep',"
-        " 'audit_skeb', 'audit_reliability', 'audit_graph', 'rerun', 'info'):\n"
+        " 'audit_skeb', 'audit_reliability', 'audit_graph', 'rerun', 'info', 'embed_encode',"
+        " 'embed_eval'):\n"
         "    assert callable(getattr(optlab, name)), name\n"
         "print('ok')\n"
     )

@@ -116,7 +116,7 @@ def test_cli_encode_writes_a_plain_npy_and_eval_scores(tmp_path, capsys) -> None
         (["eval", "tiny:llama", "--sts", "leee"], "Did you mean 'lee'"),
         (["eval", "tiny:llama", "--demo", "w=>two words"], "must be one word"),
         (["encode", "tiny:llama", "EMPTY", "--out", "OUT"], "empty"),
-        (["encode", "tiny:llama", "EMPTY", "--out", "x.txt"], "give a .npy file"),
+        (["encode", "tiny:llama", "EMPTY", "--out", "x.txt"], "is not a .npy file"),
     ],
 )
 def test_cli_bad_input_is_one_line(tmp_path, capsys, args, message) -> None:

@@ -49,11 +49,14 @@ def command_args(tmp: Path, prune_run: Path) -> dict[str, list[object]]:
         "run": ["run", f["recipe"]],
         "rerun": ["rerun", prune_run],
         "demo": ["demo"],
+        "embed encode": ["embed", "encode", "tiny:opt", f["text"]],
+        "embed eval": ["embed", "eval", "tiny:opt", "--sts", "wordsim353", "--limit", "4"],
     }
 
 
 COMMANDS = ["info", "eval", "prune", "retrain", "quantize", "unlearn", "unlearn sweep",
-            "audit skeb", "audit reliability", "audit graph", "run", "rerun", "demo"]  # fmt: skip
+            "audit skeb", "audit reliability", "audit graph", "run", "rerun", "demo",
+            "embed encode", "embed eval"]  # fmt: skip
 WRITERS = [c for c in COMMANDS if c != "info"]  # info prints and writes nothing
 
 # A typed flag of each command and a value it cannot take. run and rerun have no typed
@@ -70,10 +73,14 @@ BAD_VALUES: dict[str, tuple[list[str], list[str]]] = {
     "audit reliability": (["--trials", "x"], ["--trials", "'x'"]),
     "audit graph": (["--seed", "1e3"], ["--seed", "'1e3'"]),
     "demo": (["--limit", "0"], ["--limit", "0"]),
+    "embed encode": (["--batch-size", "x"], ["--batch-size", "'x'"]),
+    "embed eval": (["--limit", "x"], ["--limit", "'x'"]),
 }
 
 
 def _out(tmp: Path, command: str) -> list[object]:
+    if command == "embed encode":  # it writes one .npy file, not a run directory
+        return ["--out", tmp / "o.npy"]
     return [] if command == "info" else ["--out", tmp / "o"]
 
 
@@ -130,7 +137,7 @@ def _spoil(path: Path, how: str) -> None:
 # (command, the input to spoil, what the error line names: a folder/missing/not UTF-8 word)
 FILE_INPUTS = [("eval", "text"), ("unlearn", "forget"), ("unlearn sweep", "retain"),
                ("audit reliability", "csv"), ("audit graph", "entities"),
-               ("run", "recipe")]  # fmt: skip
+               ("run", "recipe"), ("embed encode", "text")]  # fmt: skip
 SPOILED = {"missing": "no such file", "folder": "is a folder", "latin1": "not UTF-8"}
 
 
@@ -141,7 +148,7 @@ def test_a_spoiled_input_file_is_one_line(capsys, tmp_path, prune_run, command, 
     path = inputs(tmp_path)[key]  # the same files command_args wrote
     _spoil(path, how)
     before = snapshot(tmp_path)
-    code, out, err = run_cli(capsys, *args, "--out", tmp_path / "o")
+    code, out, err = run_cli(capsys, *args, *_out(tmp_path, command))
     error_line(code, err, path.name, SPOILED[how])
     assert out == "" and snapshot(tmp_path) == before
 

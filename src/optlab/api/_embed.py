@@ -57,7 +57,8 @@ def embed_encode(
     target = None if out is None else Path(out)
     if target is not None:
         if target.suffix != ".npy":
-            raise OptlabError(f"--out {str(target)!r}: give a .npy file to write")
+            raise OptlabError(f"--out {str(target)!r} is not a .npy file: give one to write, "
+                              "e.g. emb.npy")  # fmt: skip
         if target.exists() and not force:
             raise OptlabError(f"{str(target)!r} exists; pass --force to replace it")
         if target.is_dir():
