@@ -17,6 +17,7 @@ harness (:func:`optlab.core.run.execute`) whose ``config.yaml`` replays it
 from optlab.api._audits import audit_graph, audit_reliability, audit_skeb
 from optlab.api._base import rerun, resolve_model
 from optlab.api._compress import QUANT_CALIB, prune, quantize, retrain
+from optlab.api._early_exit import exit_train
 from optlab.api._embed import embed_encode, embed_eval
 from optlab.api._evaluation import describe_model, evaluate, info
 from optlab.api._unlearning import unlearn, unlearn_sweep
@@ -29,6 +30,8 @@ from optlab.core.job import Result
 from optlab.core.layerwise import BlockContext, run_layerwise
 from optlab.core.models import LoadedModel, load_model
 from optlab.core.run import Run
+from optlab.early_exit.data import CodeDataConfig, CompletionConfig
+from optlab.early_exit.train import ExitTrainConfig
 from optlab.embed.prompteol import Embedder, PromptEOLConfig
 from optlab.embed.sts import STSEval
 from optlab.errors import OptlabError
@@ -63,9 +66,12 @@ __all__ = [
     "BlockContext",
     "CMPQConfig",
     "Calibration",
+    "CodeDataConfig",
+    "CompletionConfig",
     "Embedder",
     "EvalConfig",
     "Example",
+    "ExitTrainConfig",
     "GPTQConfig",
     "GraphConfig",
     "LoadedModel",
@@ -102,6 +108,7 @@ __all__ = [
     "embed_encode",
     "embed_eval",
     "evaluate",
+    "exit_train",
     "get_task",
     "info",
     "load_model",
