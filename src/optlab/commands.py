@@ -15,6 +15,7 @@ from optlab.audit.skeb import SkebConfig
 from optlab.core.calibration import Calibration
 from optlab.core.job import COMMANDS, Command, Input, Job, Result, Section, register_command
 from optlab.early_exit.data import CodeDataConfig
+from optlab.early_exit.generate import GenerateConfig, PromptsConfig
 from optlab.early_exit.train import ExitTrainConfig
 from optlab.embed.prompteol import PromptEOLConfig
 from optlab.embed.sts import STSEval
@@ -386,6 +387,41 @@ register_command(Command(
               "--context-length 256 --out runs/exits",
               "optlab exit train default --exits 3,5,7 --weights uniform --lora --lr 1e-4 "
               "--out runs/exits-lora"),
+))  # fmt: skip
+
+
+def _exit_generate(job: Job, *, out: str | Path | None, force: bool, progress: bool) -> Result:
+    return api.exit_generate(_load(job), job.configs["generate"], job.configs["prompts"],
+                             seed=job.seed, out=out, force=force, progress=progress)  # fmt: skip
+
+
+register_command(Command(
+    name="exit generate",
+    help="greedy generation with per-token exits and a KV cache, or exact self-speculation",
+    description="Continue each prompt greedily (batch 1), running the decoder blocks one at a "
+    "time per\ntoken and asking an exit rule at each allowed exit below the final layer:\n"
+    "  none          every layer (the baseline)\n"
+    "  fixed:L       every token stops after L blocks\n"
+    "  confidence    stop where the exit's max softmax >= --tau (CALM, training-free)\n"
+    "  policy        GREEN-CODE's PPO policy (--policy DIR): exit when P(exit) > --tau\n"
+    "The exits: the set an `exit train` run stored in its model, else --exits (auto: the\n"
+    "official rule). Keys/values of the layers a token skipped: --kv copy fills them from the\n"
+    "exit state (CALM); --kv recompute runs the pending tokens through them when a later\n"
+    "token goes deeper (the states an uncached model computes). --speculative E drafts\n"
+    "--draft-tokens tokens with the first E layers and the shared head and verifies them in\n"
+    "one pass of the layers above (the drafts' first E layers are reused): the output is\n"
+    "token for token the full model's greedy one. Per sample: tokens, mean executed layers,\n"
+    "seconds, tokens/s (and the draft acceptance); --out writes them to a run.",
+    inputs=(MODEL_OR_RUN,),
+    sections=(Section("generate", GenerateConfig(), "generation"),
+              Section("prompts", None, "prompts", config=PromptsConfig)),
+    run=_exit_generate,
+    out="optional",
+    examples=("optlab exit generate default --exit confidence --tau 0.9 --kv recompute "
+              "--prompt 'def fib(n):'",
+              "optlab exit generate runs/exits --speculative 6 --draft-tokens 4 --in prompts.jsonl",
+              "optlab exit generate runs/exits --exit policy --policy runs/policy --tau 0.9 "
+              "--prompt 'import os'"),
 ))  # fmt: skip
 
 

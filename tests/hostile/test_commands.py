@@ -54,12 +54,21 @@ def command_args(tmp: Path, prune_run: Path) -> dict[str, list[object]]:
         "embed encode": ["embed", "encode", "tiny:opt", f["text"]],
         "embed eval": ["embed", "eval", "tiny:opt", "--sts", "wordsim353", "--limit", "4"],
         "exit train": ["exit", "train", "tiny:opt", *pairs, "--steps", "1"],
+        "exit generate": [
+            "exit",
+            "generate",
+            "tiny:opt",
+            "--in",
+            f["text"],
+            "--max-new-tokens",
+            "2",
+        ],
     }
 
 
 COMMANDS = ["info", "eval", "prune", "retrain", "quantize", "unlearn", "unlearn sweep",
             "audit skeb", "audit reliability", "audit graph", "run", "rerun", "demo",
-            "embed encode", "embed eval", "exit train"]  # fmt: skip
+            "embed encode", "embed eval", "exit train", "exit generate"]  # fmt: skip
 WRITERS = [c for c in COMMANDS if c != "info"]  # info prints and writes nothing
 
 # A typed flag of each command and a value it cannot take. run and rerun have no typed
@@ -79,6 +88,7 @@ BAD_VALUES: dict[str, tuple[list[str], list[str]]] = {
     "embed encode": (["--batch-size", "x"], ["--batch-size", "'x'"]),
     "embed eval": (["--limit", "x"], ["--limit", "'x'"]),
     "exit train": (["--exits", "99"], ["exit layer 99", "outside the model"]),
+    "exit generate": (["--tau", "x"], ["--tau", "'x'"]),
 }
 
 
@@ -141,7 +151,8 @@ def _spoil(path: Path, how: str) -> None:
 # (command, the input to spoil, what the error line names: a folder/missing/not UTF-8 word)
 FILE_INPUTS = [("eval", "text"), ("unlearn", "forget"), ("unlearn sweep", "retain"),
                ("audit reliability", "csv"), ("audit graph", "entities"),
-               ("run", "recipe"), ("embed encode", "text"), ("exit train", "pairs")]  # fmt: skip
+               ("run", "recipe"), ("embed encode", "text"), ("exit train", "pairs"),
+               ("exit generate", "text")]  # fmt: skip
 SPOILED = {"missing": "no such file", "folder": "is a folder", "latin1": "not UTF-8"}
 
 

@@ -17,7 +17,7 @@ harness (:func:`optlab.core.run.execute`) whose ``config.yaml`` replays it
 from optlab.api._audits import audit_graph, audit_reliability, audit_skeb
 from optlab.api._base import rerun, resolve_model
 from optlab.api._compress import QUANT_CALIB, prune, quantize, retrain
-from optlab.api._early_exit import exit_train
+from optlab.api._early_exit import exit_generate, exit_train
 from optlab.api._embed import embed_encode, embed_eval
 from optlab.api._evaluation import describe_model, evaluate, info
 from optlab.api._unlearning import unlearn, unlearn_sweep
@@ -31,6 +31,7 @@ from optlab.core.layerwise import BlockContext, run_layerwise
 from optlab.core.models import LoadedModel, load_model
 from optlab.core.run import Run
 from optlab.early_exit.data import CodeDataConfig, CompletionConfig
+from optlab.early_exit.generate import GenerateConfig, PromptsConfig
 from optlab.early_exit.train import ExitTrainConfig
 from optlab.embed.prompteol import Embedder, PromptEOLConfig
 from optlab.embed.sts import STSEval
@@ -73,6 +74,7 @@ __all__ = [
     "Example",
     "ExitTrainConfig",
     "GPTQConfig",
+    "GenerateConfig",
     "GraphConfig",
     "LoadedModel",
     "MagnitudeConfig",
@@ -82,6 +84,7 @@ __all__ = [
     "PerpConfig",
     "PerplexityEval",
     "PromptEOLConfig",
+    "PromptsConfig",
     "RTNConfig",
     "ReliabilityConfig",
     "Result",
@@ -108,6 +111,7 @@ __all__ = [
     "embed_encode",
     "embed_eval",
     "evaluate",
+    "exit_generate",
     "exit_train",
     "get_task",
     "info",

@@ -148,7 +148,10 @@ def _capture(
         with torch.no_grad():
             for batch in batches:
                 feed = dict(batch) if isinstance(batch, Mapping) else {"input_ids": batch}
-                feed = {k: v.to(device) for k, v in feed.items()}
+                # A cache object (``cache=``) goes as it is.
+                feed = {
+                    k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in feed.items()
+                }
                 with contextlib.suppress(_StopForward):
                     model(**feed, use_cache=False)
                 all_args.append(list(seen_args))
