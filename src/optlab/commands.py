@@ -14,6 +14,8 @@ from optlab.audit.reliability import ReliabilityConfig
 from optlab.audit.skeb import SkebConfig
 from optlab.core.calibration import Calibration
 from optlab.core.job import COMMANDS, Command, Input, Job, Result, Section, register_command
+from optlab.early_exit.data import CodeDataConfig
+from optlab.early_exit.policy import PolicyConfig
 from optlab.embed.prompteol import PromptEOLConfig
 from optlab.embed.sts import STSEval
 from optlab.eval.perplexity import PerplexityEval
@@ -236,6 +238,10 @@ GROUPS = {  # two-word commands ("audit skeb") are subcommands of their first wo
     "embed": ("sentence embeddings by PromptEOL: encode texts, evaluate on STS",
               "Sentence embeddings from a causal LM by prompting (PromptEOL, Jiang et al. 2023):\n"
               "the last token's hidden state of 'This sentence : \"[X]\" means in one word:\"'."),
+    "exit": ("early exit (GREEN-CODE): multi-exit training, a PPO exit policy, generation",
+             "Energy-aware early exit for code generation (GREEN-CODE, arXiv 2501.11006): a\n"
+             "token may leave the model after any allowed layer through its own final norm\n"
+             "and LM head."),
     "audit": ("audit unlearning: metric reliability (UQS), persuasion probes (SKeB)",
               "Did unlearning really forget, and can its numbers be trusted?"),
 }  # fmt: skip
@@ -344,6 +350,36 @@ register_command(Command(
     run=_embed_eval,
     out="optional",
     examples=("optlab embed eval default --sts lee,wordsim353 --demo opt-2.7b",),
+))  # fmt: skip
+
+
+def _exit_policy(job: Job, *, out: str | Path | None, force: bool, progress: bool) -> Result:
+    result = api.exit_policy(_load(job), job.configs["policy"], job.configs["data"],
+                             seed=job.seed, out=out, force=force, progress=progress)  # fmt: skip
+    # One reward per rollout is in metrics.json; a hundred of them do not belong on a terminal.
+    return Result({k: v for k, v in result.metrics.items() if k != "rollout_mean_reward"},
+                  result.run)  # fmt: skip
+
+
+register_command(Command(
+    name="exit policy",
+    help="train the exit policy by PPO (GREEN-CODE): continue or exit at each allowed exit",
+    description="Train the per-token exit policy of MODEL_OR_RUN by PPO (stable-baselines3), as\n"
+    "GREEN-CODE does: --episodes greedy episodes on the train split of --data (a random\n"
+    "sample, a U(0.2, 0.5) context, 15 greedy tokens) give, once, the hidden state of every\n"
+    "token at every allowed exit and l* (the first layer agreeing with the final one, or\n"
+    "with the true token: --target label); PPO then learns continue/exit from the state.\n"
+    "An exit-train run brings its own exits; a plain model takes --exits (default auto).\n"
+    "Writes policy.safetensors + policy.json (no pickle; `optlab exit generate --exit policy`\n"
+    "reads them) and metrics.json: timings, reward per rollout, and per tau the mean exit\n"
+    "layer and the agreement with the final layer on the collected tokens.",
+    inputs=(MODEL_OR_RUN,),
+    sections=(Section("policy", PolicyConfig(), "policy (PPO)"),
+              Section("data", CodeDataConfig(), "code data")),
+    run=_exit_policy,
+    examples=("optlab exit policy runs/exit-train --timesteps 500000 --out runs/policy",
+              "optlab exit policy default --exits 3,5,7,9,11,13,17,21,25 --episodes 64 "
+              "--timesteps 20000 --out runs/policy-base"),
 ))  # fmt: skip
 
 

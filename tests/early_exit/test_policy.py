@@ -11,6 +11,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from optlab.core.models import LoadedModel, byte_tokenizer
+from optlab.early_exit.data import CodeItem, CompletionConfig, Sample, completion_samples
 from optlab.early_exit.features import Features, collect_features
 from optlab.early_exit.policy import (
     POLICY_JSON,
@@ -50,21 +51,27 @@ def lm() -> LoadedModel:
 
 
 @pytest.fixture(scope="module")
-def features(lm: LoadedModel) -> Features:
-    return collect_features(lm, (1, 2, 4), [CODE], episodes=3, seed=1, progress=False)
+def samples(lm: LoadedModel) -> list[Sample]:
+    items = [CodeItem(f"f{i}.py", CODE) for i in range(3)]
+    episodes = CompletionConfig(context_fraction=(0.2, 0.5), samples=3, seed=1)
+    return completion_samples(items, lm.tokenizer, episodes)
 
 
-def test_features_are_a_plain_forward_of_the_greedy_episode(lm, features) -> None:
+@pytest.fixture(scope="module")
+def features(lm: LoadedModel, samples: list[Sample]) -> Features:
+    return collect_features(lm, (1, 2, 4), samples, progress=False)
+
+
+def test_features_are_a_plain_forward_of_the_greedy_episode(lm, samples, features) -> None:
     """Replaying each episode without a cache gives the same states, argmaxes and labels."""
     assert features.hidden.shape == (45, 2, 64) and features.predictions.shape == (45, 4)
-    sample = lm.tokenizer(CODE, add_special_tokens=False)["input_ids"]
     assert len(set(features.contexts.tolist())) == 3  # U(0.2, 0.5) of the sample, seeded
-    for episode, cut in enumerate(features.contexts):
-        assert 0.2 * len(sample) <= cut <= 0.5 * len(sample)
+    for episode, (sample, cut) in enumerate(zip(samples, features.contexts, strict=True)):
+        assert cut == len(sample.context_ids)
         rows = slice(features.starts[episode], features.starts[episode + 1])
-        assert features.labels[rows].tolist() == sample[cut : cut + 15]
+        assert features.labels[rows].tolist() == sample.target_ids.tolist()
         generated = features.predictions[rows, -1]
-        ids = torch.tensor([[*sample[:cut], *generated[:-1]]])
+        ids = torch.tensor([[*sample.context_ids.tolist(), *generated[:-1]]])
         with torch.no_grad():
             out = lm.model(ids, output_hidden_states=True)
         positions = range(cut - 1, cut + 14)

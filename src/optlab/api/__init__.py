@@ -19,6 +19,7 @@ from optlab.api._base import rerun, resolve_model
 from optlab.api._compress import QUANT_CALIB, prune, quantize, retrain
 from optlab.api._embed import embed_encode, embed_eval
 from optlab.api._evaluation import describe_model, evaluate, info
+from optlab.api._exit_policy import exit_policy
 from optlab.api._unlearning import unlearn, unlearn_sweep
 from optlab.audit.graph import GraphConfig
 from optlab.audit.reliability import ReliabilityConfig
@@ -29,6 +30,7 @@ from optlab.core.job import Result
 from optlab.core.layerwise import BlockContext, run_layerwise
 from optlab.core.models import LoadedModel, load_model
 from optlab.core.run import Run
+from optlab.early_exit.policy import PolicyConfig
 from optlab.embed.prompteol import Embedder, PromptEOLConfig
 from optlab.embed.sts import STSEval
 from optlab.errors import OptlabError
@@ -75,6 +77,7 @@ __all__ = [
     "PMPQConfig",
     "PerpConfig",
     "PerplexityEval",
+    "PolicyConfig",
     "PromptEOLConfig",
     "RTNConfig",
     "ReliabilityConfig",
@@ -102,6 +105,7 @@ __all__ = [
     "embed_encode",
     "embed_eval",
     "evaluate",
+    "exit_policy",
     "get_task",
     "info",
     "load_model",

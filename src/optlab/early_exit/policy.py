@@ -43,6 +43,7 @@ from optlab.core.config import configurable, option, require, require_finite, re
 from optlab.core.files import read_text_file
 from optlab.core.models import LoadedModel
 from optlab.core.run import atomic_write
+from optlab.early_exit.data import CompletionConfig
 from optlab.early_exit.features import Features
 from optlab.early_exit.reward import CONTINUE, EXIT, TARGETS, exit_reward
 from optlab.errors import OptlabError, first_line
@@ -59,14 +60,13 @@ class PolicyConfig:
     exits: str | None = option(None, "allowed exits: auto, or layers such as 3,5,7 (the final "
                                "layer is always one); default: an exit-train run's own, else "
                                "auto", metavar="auto|LIST")  # fmt: skip
-    data: str = option("code:stdlib", "code the episodes are drawn from (its train split)",
-                       metavar="SPEC")  # fmt: skip
-    episodes: int = option(256, "greedy episodes whose features PPO learns from (collected "
-                           "once)")  # fmt: skip
+    episodes: int = option(256, "greedy episodes (code samples of the train split) whose "
+                           "features PPO learns from, collected once")  # fmt: skip
+    context_fraction: tuple[float, ...] = option((0.2, 0.5), "an episode's context: a seeded "
+                                                 "U(LOW, HIGH) share of its sample",
+                                                 metavar="LOW,HIGH")  # fmt: skip
     new_tokens: int = option(15, "greedy tokens per episode")
-    context_min: float = option(0.2, "shortest context, as a fraction of the sample")
-    context_max: float = option(0.5, "longest context, as a fraction of the sample")
-    max_context: int = option(1024, "at most this many context tokens")
+    max_context: int = option(1024, "at most this many context tokens (the official cap)")
     target: str = option("final", "l*: the first layer agreeing with the final layer (final) "
                          "or predicting the true next token (label)", choices=TARGETS)  # fmt: skip
     timesteps: int = option(500_000, "PPO timesteps (whole rollouts, so rounded up to "
@@ -77,24 +77,30 @@ class PolicyConfig:
     epochs: int = option(6, "PPO epochs per rollout")
     net: tuple[int, ...] = option((64, 64), "hidden layers of the policy and value MLPs",
                                   metavar="64,64")  # fmt: skip
+    init: str | None = option(None, "start from this saved policy (its weights, actor and "
+                              "critic) instead of fresh ones: more timesteps on an earlier "
+                              "run", metavar="POLICY")  # fmt: skip
     alpha: float = option(1.0, "reward: penalty per layer of a late exit")
     beta: float = option(1.0, "reward: penalty per layer of an early, wrong exit")
     gamma: float = option(1.0, "reward: penalty per layer of a needless continue")
     eps: float = option(0.1, "reward: penalty of a wrong exit past l* (target final)")
 
     def __post_init__(self) -> None:
-        require_positive(self, "episodes", "new_tokens", "max_context", "timesteps", "n_steps",
-                         "batch_size", "epochs")  # fmt: skip
-        require_finite(self, "context_min", "context_max", "lr", "alpha", "beta", "gamma", "eps")
-        require(0 < self.context_min <= self.context_max < 1, "--context-min and --context-max "
-                f"must satisfy 0 < min <= max < 1, got {self.context_min}, "
-                f"{self.context_max}")  # fmt: skip
+        require_positive(self, "episodes", "timesteps", "n_steps", "batch_size", "epochs")
+        require_finite(self, "lr", "alpha", "beta", "gamma", "eps")
+        self.completion(seed=0)  # the episode settings are checked where they are used
         require(self.target in TARGETS, f"--target {self.target!r}: choose final or label")
         require(1 < self.batch_size <= self.n_steps, f"--batch-size {self.batch_size} must be "
                 f"at least 2 and at most --n-steps {self.n_steps}")  # fmt: skip
         require(self.lr > 0 and self.gamma > 0, "--lr and --gamma must be positive")
         require(bool(self.net) and all(isinstance(w, int) and w >= 1 for w in self.net),
                 f"--net {self.net!r}: give layer widths such as 64,64")  # fmt: skip
+
+    def completion(self, seed: int) -> CompletionConfig:
+        """How episodes are cut from the code: the data module's completion samples."""
+        return CompletionConfig(context_fraction=self.context_fraction,
+                                new_tokens=self.new_tokens, max_context=self.max_context,
+                                samples=self.episodes, seed=seed)  # fmt: skip
 
     @property
     def weights(self) -> dict[str, float]:
@@ -180,16 +186,20 @@ def train_ppo(
     epochs: int = 6,
     net: Sequence[int] = (64, 64),
     seed: int = 0,
+    init: dict[str, torch.Tensor] | None = None,
     progress: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """PPO on ``env`` for ``timesteps`` (whole rollouts of ``n_steps``, so rounded up); the
-    actor-critic's weights and a summary (steps run, mean reward per rollout)."""
+    """PPO on ``env`` for ``timesteps`` (whole rollouts of ``n_steps``, so rounded up),
+    from the actor-critic weights ``init`` if given (a fresh learning-rate schedule); the
+    weights and a summary (steps run, mean reward per rollout)."""
     from stable_baselines3 import PPO  # slow import: only training needs it
 
     model = PPO("MlpPolicy", env, learning_rate=lambda remaining: remaining * lr,
                 n_steps=n_steps, batch_size=batch_size, n_epochs=epochs, seed=seed,
                 policy_kwargs={"net_arch": {"pi": list(net), "vf": list(net)}}, device="cpu",
                 verbose=0)  # fmt: skip
+    if init is not None:
+        model.policy.load_state_dict(init)
     callback = _progress(-(-timesteps // n_steps) * n_steps, progress)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a 64-wide MLP: more threads only add contention (10x, measured)
@@ -269,8 +279,9 @@ def save_policy(
     atomic_write(folder / POLICY_JSON, json.dumps(config, indent=2) + "\n")
 
 
-def read_policy(folder: str | Path) -> tuple[dict[str, Any], PolicyNet]:
-    """A saved policy's config and actor; a damaged or foreign folder is one clear line."""
+def read_policy(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A saved policy's config and actor-critic weights (checked to build the actor); a
+    damaged or foreign folder is one clear line."""
     folder = Path(folder)
     config_path, weights_path = folder / POLICY_JSON, folder / POLICY_WEIGHTS
     if not config_path.is_file() or not weights_path.is_file():
@@ -287,11 +298,28 @@ def read_policy(folder: str | Path) -> tuple[dict[str, Any], PolicyNet]:
         raise OptlabError(f"{config_path} is not an optlab exit policy config")
     try:
         weights = load_safetensors(weights_path.read_bytes())
-        net = PolicyNet.from_weights(weights, config["hidden_size"], config["net"])
+        PolicyNet.from_weights(weights, config["hidden_size"], config["net"])
     except (SafetensorError, RuntimeError, TypeError, ValueError) as err:
         raise OptlabError(f"{weights_path} does not hold the policy its {POLICY_JSON} "
                           f"describes: {first_line(err)}") from None  # fmt: skip
-    return config, net
+    return config, weights
+
+
+def check_policy(
+    config: dict[str, Any], folder: str | Path, lm: LoadedModel, exits: Sequence[int]
+) -> None:
+    """Refuse a policy made for another model: hidden size, layers and exit set must match."""
+    hidden, layers = int(lm.model.config.hidden_size), len(Anatomy.of(lm.model).blocks)
+    made_for = f"the policy in {str(folder)!r} was trained for {config.get('model')!r}"
+    if (config["hidden_size"], config["num_layers"]) != (hidden, layers):
+        raise OptlabError(f"{made_for} (hidden size {config['hidden_size']}, "
+                          f"{config['num_layers']} layers), not this model (hidden size "
+                          f"{hidden}, {layers} layers): train one for it with "
+                          "`optlab exit policy`")  # fmt: skip
+    if tuple(config["exits"]) != tuple(exits):
+        raise OptlabError(f"{made_for} with exits {_layers(config['exits'])}, not "
+                          f"{_layers(exits)}: use its exits or train a policy for "
+                          "these")  # fmt: skip
 
 
 def load_policy(
@@ -302,19 +330,10 @@ def load_policy(
 
     >>> rule = load_policy("runs/policy", load_model("default"), (3, 5, 7, 30), tau=0.9)
     """
-    config, net = read_policy(run_dir)
-    hidden, layers = int(lm.model.config.hidden_size), len(Anatomy.of(lm.model).blocks)
-    made_for = f"the policy in {str(run_dir)!r} was trained for {config.get('model')!r}"
-    if (config["hidden_size"], config["num_layers"]) != (hidden, layers):
-        raise OptlabError(f"{made_for} (hidden size {config['hidden_size']}, "
-                          f"{config['num_layers']} layers), not this model (hidden size "
-                          f"{hidden}, {layers} layers): train one for it with "
-                          "`optlab exit policy`")  # fmt: skip
-    if tuple(config["exits"]) != tuple(exits):
-        raise OptlabError(f"{made_for} with exits {_layers(config['exits'])}, not "
-                          f"{_layers(exits)}: use its exits or train a policy for "
-                          "these")  # fmt: skip
-    return PolicyRule(net, exits, tau)
+    config, weights = read_policy(run_dir)
+    check_policy(config, run_dir, lm, exits)
+    return PolicyRule(PolicyNet.from_weights(weights, config["hidden_size"], config["net"]),
+                      exits, tau)  # fmt: skip
 
 
 def _layers(exits: Sequence[int]) -> str:
