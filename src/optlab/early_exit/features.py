@@ -7,9 +7,10 @@ each allowed exit below the final layer (the policy's state there), the argmax o
 layer 1..L through the model's own head (which gives l* for either target) and the sample's
 true next token (the ``label`` target's; -1 past the sample's end).
 
+>>> lm = load_model("tiny:llama")
 >>> samples = completion_samples(code_items("code:stdlib", "train")[:2], lm.tokenizer,
 ...                              CompletionConfig(context_fraction=(0.2, 0.5), samples=2))
->>> feats = collect_features(load_model("tiny:llama"), (1, 2), samples, progress=False)
+>>> feats = collect_features(lm, (1, 2), samples, progress=False)
 >>> feats.hidden.shape, feats.predictions.shape  # 2 episodes x 15 tokens, 1 exit below L=2
 ((30, 1, 64), (30, 2))
 """
@@ -77,7 +78,10 @@ def collect_features(
     device = lm.device
     for sample in tqdm(samples, desc="exit features", unit="episode", disable=not progress):
         context = sample.context_ids[-room:]
-        out = lm.model(context[None].to(device), use_cache=True, output_hidden_states=True)
+        # Only the last position's logits: the context's full [n, vocab] would cost a fifth of
+        # the forward (SmolLM2, 1024 tokens) for nothing.
+        out = lm.model(context[None].to(device), use_cache=True, output_hidden_states=True,
+                       logits_to_keep=1)  # fmt: skip
         truth = sample.target_ids.tolist()
         for step in range(new_tokens):
             states = [h[0, -1] for h in out.hidden_states]
