@@ -39,7 +39,7 @@ def test_the_run_holds_a_policy_that_reloads_and_replays(policy_run, tmp_path) -
     assert (tmp_path / "again" / POLICY_WEIGHTS).read_bytes() == weights
 
 
-def test_an_exit_train_run_brings_its_exits(tmp_path, monkeypatch) -> None:
+def test_an_exit_train_run_brings_its_exits(tmp_path) -> None:
     """Exits come from the run's config.yaml (whatever section holds them)."""
     from optlab.core.models import save_model
 
