@@ -16,6 +16,7 @@ from optlab.core.calibration import Calibration
 from optlab.core.job import COMMANDS, Command, Input, Job, Result, Section, register_command
 from optlab.early_exit.data import CodeDataConfig
 from optlab.early_exit.generate import GenerateConfig, PromptsConfig
+from optlab.early_exit.policy import PolicyConfig
 from optlab.early_exit.train import ExitTrainConfig
 from optlab.embed.prompteol import PromptEOLConfig
 from optlab.embed.sts import STSEval
@@ -422,6 +423,36 @@ register_command(Command(
               "optlab exit generate runs/exits --speculative 6 --draft-tokens 4 --in prompts.jsonl",
               "optlab exit generate runs/exits --exit policy --policy runs/policy --tau 0.9 "
               "--prompt 'import os'"),
+))  # fmt: skip
+
+
+def _exit_policy(job: Job, *, out: str | Path | None, force: bool, progress: bool) -> Result:
+    result = api.exit_policy(_load(job), job.configs["policy"], job.configs["data"],
+                             seed=job.seed, out=out, force=force, progress=progress)  # fmt: skip
+    # One reward per rollout is in metrics.json; a hundred of them do not belong on a terminal.
+    return Result({k: v for k, v in result.metrics.items() if k != "rollout_mean_reward"},
+                  result.run)  # fmt: skip
+
+
+register_command(Command(
+    name="exit policy",
+    help="train the exit policy by PPO (GREEN-CODE): continue or exit at each allowed exit",
+    description="Train the per-token exit policy of MODEL_OR_RUN by PPO (stable-baselines3), as\n"
+    "GREEN-CODE does: --episodes greedy episodes on the train split of --data (a random\n"
+    "sample, a U(0.2, 0.5) context, 15 greedy tokens) give, once, the hidden state of every\n"
+    "token at every allowed exit and l* (the first layer agreeing with the final one, or\n"
+    "with the true token: --target label); PPO then learns continue/exit from the state.\n"
+    "An exit-train run brings its own exits; a plain model takes --exits (default auto).\n"
+    "Writes policy.safetensors + policy.json (no pickle; `optlab exit generate --exit policy`\n"
+    "reads them) and metrics.json: timings, reward per rollout, and per tau the mean exit\n"
+    "layer and the agreement with the final layer on the collected tokens.",
+    inputs=(MODEL_OR_RUN,),
+    sections=(Section("policy", PolicyConfig(), "policy (PPO)"),
+              Section("data", CodeDataConfig(), "code data")),
+    run=_exit_policy,
+    examples=("optlab exit policy runs/exit-train --timesteps 500000 --out runs/policy",
+              "optlab exit policy default --exits 3,5,7,9,11,13,17,21,25 --episodes 64 "
+              "--timesteps 20000 --out runs/policy-base"),
 ))  # fmt: skip
 
 

@@ -63,12 +63,28 @@ def command_args(tmp: Path, prune_run: Path) -> dict[str, list[object]]:
             "--max-new-tokens",
             "2",
         ],
+        "exit policy": [
+            "exit",
+            "policy",
+            "tiny:opt",
+            "--exits",
+            "1",
+            "--episodes",
+            "1",
+            "--timesteps",
+            "8",
+            "--n-steps",
+            "8",
+            "--batch-size",
+            "4",
+        ],
     }
 
 
 COMMANDS = ["info", "eval", "prune", "retrain", "quantize", "unlearn", "unlearn sweep",
             "audit skeb", "audit reliability", "audit graph", "run", "rerun", "demo",
-            "embed encode", "embed eval", "exit train", "exit generate"]  # fmt: skip
+            "embed encode", "embed eval", "exit train", "exit generate",
+            "exit policy"]  # fmt: skip
 WRITERS = [c for c in COMMANDS if c != "info"]  # info prints and writes nothing
 
 # A typed flag of each command and a value it cannot take. run and rerun have no typed
@@ -89,6 +105,7 @@ BAD_VALUES: dict[str, tuple[list[str], list[str]]] = {
     "embed eval": (["--limit", "x"], ["--limit", "'x'"]),
     "exit train": (["--exits", "99"], ["exit layer 99", "outside the model"]),
     "exit generate": (["--tau", "x"], ["--tau", "'x'"]),
+    "exit policy": (["--timesteps", "many"], ["--timesteps", "'many'"]),
 }
 
 
@@ -280,4 +297,51 @@ def test_a_model_or_run_that_is_not_one(capsys, tmp_path, command, how) -> None:
     args = ["info", target] if command == "info" else ["rerun", target, "--out", tmp_path / "o"]
     code, out, err = run_cli(capsys, *args)
     error_line(code, err, "thing")
+    assert out == "" and snapshot(tmp_path) == before
+
+
+# --- an exit policy made for another model ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def deep_policy(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A 4-layer, 32-wide model folder and a policy trained for it with exits 1,2,4."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from optlab.api import exit_policy
+    from optlab.core.models import LoadedModel, byte_tokenizer, save_model
+    from optlab.early_exit.policy import PolicyConfig
+
+    root = tmp_path_factory.mktemp("deep")
+    config = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=4, num_attention_heads=4,
+                                  num_key_value_heads=2, vocab_size=320,
+                                  max_position_embeddings=256)  # fmt: skip
+    model = save_model(LoadedModel(AutoModelForCausalLM.from_config(config), byte_tokenizer(),
+                                   "deep"), root / "model")  # fmt: skip
+    exit_policy(
+        str(model),
+        PolicyConfig(exits="1,2", episodes=1, timesteps=8, n_steps=8, batch_size=4),
+        out=root / "policy",
+        progress=False,
+    )
+    return model, root / "policy"
+
+
+# (the model the policy is given to, its --exits, what the one line names)
+POLICY_MISMATCH = {
+    "hidden size": ("tiny:llama", "1", ["hidden size 32, 4 layers", "hidden size 64, 2 layers"]),
+    "exit set": ("deep", "2", ["exits 1,2,4, not 2,4"]),
+}
+
+
+@pytest.mark.parametrize("case", list(POLICY_MISMATCH))
+def test_a_policy_for_another_model_is_one_line(capsys, tmp_path, deep_policy, case) -> None:
+    model, policy = deep_policy
+    target, exits, needles = POLICY_MISMATCH[case]
+    target = str(model) if target == "deep" else target
+    before = snapshot(tmp_path)
+    code, out, err = run_cli(capsys, "exit", "policy", target, "--exits", exits, "--init",
+                             policy, "--episodes", "1", "--out", tmp_path / "o")  # fmt: skip
+    error_line(code, err, repr(str(policy)), *needles)
     assert out == "" and snapshot(tmp_path) == before

@@ -20,6 +20,7 @@ from optlab.api._compress import QUANT_CALIB, prune, quantize, retrain
 from optlab.api._early_exit import exit_generate, exit_train
 from optlab.api._embed import embed_encode, embed_eval
 from optlab.api._evaluation import describe_model, evaluate, info
+from optlab.api._exit_policy import exit_policy
 from optlab.api._unlearning import unlearn, unlearn_sweep
 from optlab.audit.graph import GraphConfig
 from optlab.audit.reliability import ReliabilityConfig
@@ -32,6 +33,7 @@ from optlab.core.models import LoadedModel, load_model
 from optlab.core.run import Run
 from optlab.early_exit.data import CodeDataConfig, CompletionConfig
 from optlab.early_exit.generate import GenerateConfig, PromptsConfig
+from optlab.early_exit.policy import PolicyConfig
 from optlab.early_exit.train import ExitTrainConfig
 from optlab.embed.prompteol import Embedder, PromptEOLConfig
 from optlab.embed.sts import STSEval
@@ -83,6 +85,7 @@ __all__ = [
     "PMPQConfig",
     "PerpConfig",
     "PerplexityEval",
+    "PolicyConfig",
     "PromptEOLConfig",
     "PromptsConfig",
     "RTNConfig",
@@ -112,6 +115,7 @@ __all__ = [
     "embed_eval",
     "evaluate",
     "exit_generate",
+    "exit_policy",
     "exit_train",
     "get_task",
     "info",
