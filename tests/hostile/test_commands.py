@@ -23,7 +23,9 @@ def inputs(tmp: Path) -> dict[str, Path]:
     files = {"text": ("text.txt", TEXT), "forget": ("forget.jsonl", QA),
              "retain": ("retain.jsonl", QA), "csv": ("runs.csv", CSV),
              "entities": ("entities.txt", "France\nParis\n"),
-             "recipe": ("r.yaml", RECIPE)}  # fmt: skip
+             "recipe": ("r.yaml", RECIPE),
+             "candidates": ("demos.txt", "A man is smoking.=>Smoking\nmeat.=>Venison\n"),
+             "classify": ("labels.csv", "text,label\nA fine film.,1\nA dull.,0\n")}  # fmt: skip
     paths = {}
     for key, (name, text) in files.items():
         paths[key] = folder / name
@@ -50,13 +52,16 @@ def command_args(tmp: Path, prune_run: Path) -> dict[str, list[object]]:
         "rerun": ["rerun", prune_run],
         "demo": ["demo"],
         "embed encode": ["embed", "encode", "tiny:opt", f["text"]],
-        "embed eval": ["embed", "eval", "tiny:opt", "--sts", "wordsim353", "--limit", "4"],
-    }
+        "embed eval": ["embed", "eval", "tiny:opt", "--sts", "wordsim353", "--limit", "4",
+                       "--classify", f["classify"], "--folds", "2", "--no-minilm"],
+        "embed select-demo": ["embed", "select-demo", "tiny:opt", "--candidates",
+                              f["candidates"], "--dev", "wordsim353:dev", "--limit", "1"],
+    }  # fmt: skip
 
 
 COMMANDS = ["info", "eval", "prune", "retrain", "quantize", "unlearn", "unlearn sweep",
             "audit skeb", "audit reliability", "audit graph", "run", "rerun", "demo",
-            "embed encode", "embed eval"]  # fmt: skip
+            "embed encode", "embed eval", "embed select-demo"]  # fmt: skip
 WRITERS = [c for c in COMMANDS if c != "info"]  # info prints and writes nothing
 
 # A typed flag of each command and a value it cannot take. run and rerun have no typed
@@ -75,6 +80,7 @@ BAD_VALUES: dict[str, tuple[list[str], list[str]]] = {
     "demo": (["--limit", "0"], ["--limit", "0"]),
     "embed encode": (["--batch-size", "x"], ["--batch-size", "'x'"]),
     "embed eval": (["--limit", "x"], ["--limit", "'x'"]),
+    "embed select-demo": (["--limit", "0"], ["limit", "0"]),
 }
 
 
@@ -137,7 +143,8 @@ def _spoil(path: Path, how: str) -> None:
 # (command, the input to spoil, what the error line names: a folder/missing/not UTF-8 word)
 FILE_INPUTS = [("eval", "text"), ("unlearn", "forget"), ("unlearn sweep", "retain"),
                ("audit reliability", "csv"), ("audit graph", "entities"),
-               ("run", "recipe"), ("embed encode", "text")]  # fmt: skip
+               ("run", "recipe"), ("embed encode", "text"), ("embed eval", "classify"),
+               ("embed select-demo", "candidates")]  # fmt: skip
 SPOILED = {"missing": "no such file", "folder": "is a folder", "latin1": "not UTF-8"}
 
 

@@ -17,7 +17,7 @@ harness (:func:`optlab.core.run.execute`) whose ``config.yaml`` replays it
 from optlab.api._audits import audit_graph, audit_reliability, audit_skeb
 from optlab.api._base import rerun, resolve_model
 from optlab.api._compress import QUANT_CALIB, prune, quantize, retrain
-from optlab.api._embed import embed_encode, embed_eval
+from optlab.api._embed import embed_encode, embed_eval, embed_select_demo
 from optlab.api._evaluation import describe_model, evaluate, info
 from optlab.api._unlearning import unlearn, unlearn_sweep
 from optlab.audit.graph import GraphConfig
@@ -29,8 +29,11 @@ from optlab.core.job import Result
 from optlab.core.layerwise import BlockContext, run_layerwise
 from optlab.core.models import LoadedModel, load_model
 from optlab.core.run import Run
+from optlab.embed.baseline import BaselineConfig
+from optlab.embed.demos import SelectDemoConfig
 from optlab.embed.prompteol import Embedder, PromptEOLConfig
 from optlab.embed.sts import STSEval
+from optlab.embed.transfer import TransferEval
 from optlab.errors import OptlabError
 from optlab.eval.perplexity import PerplexityEval, perplexity
 from optlab.eval.scorer import Scorer
@@ -60,6 +63,7 @@ __all__ = [
     "Anatomy",
     # configs and data specs
     "AvgBitsConfig",
+    "BaselineConfig",
     "BlockContext",
     "CMPQConfig",
     "Calibration",
@@ -83,6 +87,7 @@ __all__ = [
     "STSEval",
     "Scenario",
     "Scorer",
+    "SelectDemoConfig",
     "SkebConfig",
     "SparseGPTConfig",
     "StorageConfig",
@@ -90,6 +95,7 @@ __all__ = [
     "TaskEval",
     "TeachConfig",
     "TiersConfig",
+    "TransferEval",
     "UniformConfig",
     "UnlearnConfig",
     "UnlearnData",
@@ -101,6 +107,7 @@ __all__ = [
     "describe_model",
     "embed_encode",
     "embed_eval",
+    "embed_select_demo",
     "evaluate",
     "get_task",
     "info",
