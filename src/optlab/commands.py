@@ -18,8 +18,11 @@ from optlab.early_exit.data import CodeDataConfig
 from optlab.early_exit.generate import GenerateConfig, PromptsConfig
 from optlab.early_exit.policy import PolicyConfig
 from optlab.early_exit.train import ExitTrainConfig
+from optlab.embed.baseline import BaselineConfig
+from optlab.embed.demos import SelectDemoConfig
 from optlab.embed.prompteol import PromptEOLConfig
 from optlab.embed.sts import STSEval
+from optlab.embed.transfer import TransferEval
 from optlab.eval.perplexity import PerplexityEval
 from optlab.eval.tasks import TaskEval
 from optlab.pruning.pruner import WandaConfig
@@ -339,8 +342,9 @@ register_command(Command(
 
 
 def _embed_eval(job: Job, *, out: str | Path | None, force: bool, progress: bool) -> Result:
-    return api.embed_eval(_load(job), job.configs["sts"], job.configs["prompt"], seed=job.seed,
-                          out=out, force=force, progress=progress)  # fmt: skip
+    return api.embed_eval(_load(job), job.configs["sts"], job.configs["prompt"],
+                          transfer=job.configs["transfer"], baseline=job.configs["baseline"],
+                          seed=job.seed, out=out, force=force, progress=progress)  # fmt: skip
 
 
 register_command(Command(
@@ -348,13 +352,46 @@ register_command(Command(
     help="Spearman x100 of PromptEOL similarities on STS sets",
     description="Score PromptEOL embeddings of MODEL on semantic similarity: Spearman x100\n"
     "between cosine similarities and human scores, on the shipped Lee documents (1225 pairs),\n"
-    "WordSim-353 and SimLex-999 (a word as the sentence), or your STS-B / SICK .tsv/.csv.",
+    "WordSim-353 and SimLex-999 (a word as the sentence; NAME:dev / NAME:test halves), or\n"
+    "your STS-B / SICK .tsv/.csv. --classify: logistic regression on the frozen embeddings,\n"
+    "k-fold accuracy (mean +- std) on sentiment (200 Pang & Lee sentences) or a text,label\n"
+    "file. all-MiniLM-L6-v2 is scored beside on the same pairs and folds (--no-minilm: not).",
     inputs=(MODEL_OR_RUN,),
     sections=(Section("sts", STSEval(), "similarity sets"),
-              Section("prompt", PromptEOLConfig(), "prompt")),
+              Section("prompt", PromptEOLConfig(), "prompt"),
+              Section("transfer", TransferEval(), "transfer classification"),
+              Section("baseline", BaselineConfig(), "baseline")),
     run=_embed_eval,
     out="optional",
-    examples=("optlab embed eval default --sts lee,wordsim353 --demo opt-2.7b",),
+    examples=("optlab embed eval default --sts lee,wordsim353 --demo opt-2.7b",
+              "optlab embed eval default --sts lee:test,wordsim353:test --classify sentiment "
+              "--demo runs/demo --out runs/eval"),
+))  # fmt: skip
+
+
+def _embed_select_demo(job: Job, *, out: str | Path | None, force: bool,
+                       progress: bool) -> Result:  # fmt: skip
+    c = job.configs
+    return api.embed_select_demo(_load(job), c["select"], c["prompt"], seed=job.seed, out=out,
+                                 force=force, progress=progress)  # fmt: skip
+
+
+register_command(Command(
+    name="embed select-demo",
+    help="choose the in-context demonstration by dev-set Spearman",
+    description="Score every (sentence -> one word) candidate as PromptEOL's demonstration by\n"
+    "the mean Spearman x100 on the dev STS sets (default: the dev halves of Lee and\n"
+    "WordSim-353, disjoint from their :test halves), keep the best in --out/demo.json and\n"
+    "list every candidate's score in metrics.json; `--demo RUN` on any embed command uses it.\n"
+    "builtin: the paper's six demonstrations and 120 country glosses (countryinfo, MIT).",
+    inputs=(MODEL_OR_RUN,),
+    sections=(Section("select", SelectDemoConfig(), "demonstration selection"),
+              Section("prompt", PromptEOLConfig(), "prompt")),
+    run=_embed_select_demo,
+    out="required",
+    examples=("optlab embed select-demo default --candidates builtin --dev lee:dev,"
+              "wordsim353:dev --out runs/demo",
+              "optlab embed eval default --sts lee:test,wordsim353:test --demo runs/demo"),
 ))  # fmt: skip
 
 

@@ -24,7 +24,9 @@ def inputs(tmp: Path) -> dict[str, Path]:
     files = {"text": ("text.txt", TEXT), "forget": ("forget.jsonl", QA),
              "retain": ("retain.jsonl", QA), "csv": ("runs.csv", CSV),
              "entities": ("entities.txt", "France\nParis\n"),
-             "recipe": ("r.yaml", RECIPE), "pairs": ("pairs.jsonl", PAIRS)}  # fmt: skip
+             "recipe": ("r.yaml", RECIPE), "pairs": ("pairs.jsonl", PAIRS),
+             "candidates": ("demos.txt", "A man is smoking.=>Smoking\nmeat.=>Venison\n"),
+             "classify": ("labels.csv", "text,label\nA fine film.,1\nA dull.,0\n")}  # fmt: skip
     paths = {}
     for key, (name, text) in files.items():
         paths[key] = folder / name
@@ -52,38 +54,21 @@ def command_args(tmp: Path, prune_run: Path) -> dict[str, list[object]]:
         "rerun": ["rerun", prune_run],
         "demo": ["demo"],
         "embed encode": ["embed", "encode", "tiny:opt", f["text"]],
-        "embed eval": ["embed", "eval", "tiny:opt", "--sts", "wordsim353", "--limit", "4"],
+        "embed eval": ["embed", "eval", "tiny:opt", "--sts", "wordsim353", "--limit", "4",
+                       "--classify", f["classify"], "--folds", "2", "--no-minilm"],
+        "embed select-demo": ["embed", "select-demo", "tiny:opt", "--candidates",
+                              f["candidates"], "--dev", "wordsim353:dev", "--limit", "1"],
         "exit train": ["exit", "train", "tiny:opt", *pairs, "--steps", "1"],
-        "exit generate": [
-            "exit",
-            "generate",
-            "tiny:opt",
-            "--in",
-            f["text"],
-            "--max-new-tokens",
-            "2",
-        ],
-        "exit policy": [
-            "exit",
-            "policy",
-            "tiny:opt",
-            "--exits",
-            "1",
-            "--episodes",
-            "1",
-            "--timesteps",
-            "8",
-            "--n-steps",
-            "8",
-            "--batch-size",
-            "4",
-        ],
-    }
+        "exit generate": ["exit", "generate", "tiny:opt", "--in", f["text"],
+                          "--max-new-tokens", "2"],
+        "exit policy": ["exit", "policy", "tiny:opt", "--exits", "1", "--episodes", "1",
+                        "--timesteps", "8", "--n-steps", "8", "--batch-size", "4"],
+    }  # fmt: skip
 
 
 COMMANDS = ["info", "eval", "prune", "retrain", "quantize", "unlearn", "unlearn sweep",
             "audit skeb", "audit reliability", "audit graph", "run", "rerun", "demo",
-            "embed encode", "embed eval", "exit train", "exit generate",
+            "embed encode", "embed eval", "embed select-demo", "exit train", "exit generate",
             "exit policy"]  # fmt: skip
 WRITERS = [c for c in COMMANDS if c != "info"]  # info prints and writes nothing
 
@@ -103,6 +88,7 @@ BAD_VALUES: dict[str, tuple[list[str], list[str]]] = {
     "demo": (["--limit", "0"], ["--limit", "0"]),
     "embed encode": (["--batch-size", "x"], ["--batch-size", "'x'"]),
     "embed eval": (["--limit", "x"], ["--limit", "'x'"]),
+    "embed select-demo": (["--limit", "0"], ["limit", "0"]),
     "exit train": (["--exits", "99"], ["exit layer 99", "outside the model"]),
     "exit generate": (["--tau", "x"], ["--tau", "'x'"]),
     "exit policy": (["--timesteps", "many"], ["--timesteps", "'many'"]),
@@ -168,7 +154,8 @@ def _spoil(path: Path, how: str) -> None:
 # (command, the input to spoil, what the error line names: a folder/missing/not UTF-8 word)
 FILE_INPUTS = [("eval", "text"), ("unlearn", "forget"), ("unlearn sweep", "retain"),
                ("audit reliability", "csv"), ("audit graph", "entities"),
-               ("run", "recipe"), ("embed encode", "text"), ("exit train", "pairs"),
+               ("run", "recipe"), ("embed encode", "text"), ("embed eval", "classify"),
+               ("embed select-demo", "candidates"), ("exit train", "pairs"),
                ("exit generate", "text")]  # fmt: skip
 SPOILED = {"missing": "no such file", "folder": "is a folder", "latin1": "not UTF-8"}
 

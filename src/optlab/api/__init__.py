@@ -18,7 +18,7 @@ from optlab.api._audits import audit_graph, audit_reliability, audit_skeb
 from optlab.api._base import rerun, resolve_model
 from optlab.api._compress import QUANT_CALIB, prune, quantize, retrain
 from optlab.api._early_exit import exit_generate, exit_train
-from optlab.api._embed import embed_encode, embed_eval
+from optlab.api._embed import embed_encode, embed_eval, embed_select_demo
 from optlab.api._evaluation import describe_model, evaluate, info
 from optlab.api._exit_policy import exit_policy
 from optlab.api._unlearning import unlearn, unlearn_sweep
@@ -35,8 +35,11 @@ from optlab.early_exit.data import CodeDataConfig, CompletionConfig
 from optlab.early_exit.generate import GenerateConfig, PromptsConfig
 from optlab.early_exit.policy import PolicyConfig
 from optlab.early_exit.train import ExitTrainConfig
+from optlab.embed.baseline import BaselineConfig
+from optlab.embed.demos import SelectDemoConfig
 from optlab.embed.prompteol import Embedder, PromptEOLConfig
 from optlab.embed.sts import STSEval
+from optlab.embed.transfer import TransferEval
 from optlab.errors import OptlabError
 from optlab.eval.perplexity import PerplexityEval, perplexity
 from optlab.eval.scorer import Scorer
@@ -66,6 +69,7 @@ __all__ = [
     "Anatomy",
     # configs and data specs
     "AvgBitsConfig",
+    "BaselineConfig",
     "BlockContext",
     "CMPQConfig",
     "Calibration",
@@ -95,6 +99,7 @@ __all__ = [
     "STSEval",
     "Scenario",
     "Scorer",
+    "SelectDemoConfig",
     "SkebConfig",
     "SparseGPTConfig",
     "StorageConfig",
@@ -102,6 +107,7 @@ __all__ = [
     "TaskEval",
     "TeachConfig",
     "TiersConfig",
+    "TransferEval",
     "UniformConfig",
     "UnlearnConfig",
     "UnlearnData",
@@ -113,6 +119,7 @@ __all__ = [
     "describe_model",
     "embed_encode",
     "embed_eval",
+    "embed_select_demo",
     "evaluate",
     "exit_generate",
     "exit_policy",

@@ -1,10 +1,12 @@
-"""Sentence embeddings: ``embed_encode`` and ``embed_eval`` (PromptEOL)."""
+"""Sentence embeddings: ``embed_encode``, ``embed_eval`` and ``embed_select_demo``
+(PromptEOL)."""
 
 from __future__ import annotations
 
 import io
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +18,11 @@ from optlab.core.files import read_text_file
 from optlab.core.job import Result
 from optlab.core.models import LoadedModel
 from optlab.core.run import Run, atomic_write
-from optlab.embed.prompteol import Embedder, PromptEOLConfig
-from optlab.embed.sts import STSEval, spearman_x100, sts_pairs
+from optlab.embed.baseline import BaselineConfig, minilm_encoder
+from optlab.embed.demos import SelectDemoConfig, demo_scores, read_candidates
+from optlab.embed.prompteol import DEMO_FILE, TEMPLATE, Embedder, PromptEOLConfig
+from optlab.embed.sts import STSEval, sts_pairs, sts_spearman
+from optlab.embed.transfer import TransferEval, check_folds, classification_set, cross_val_accuracy
 from optlab.errors import OptlabError
 
 log = logging.getLogger("optlab")
@@ -85,40 +90,126 @@ def embed_eval(
     sts: STSEval | None = None,
     config: PromptEOLConfig | None = None,
     *,
+    transfer: TransferEval | None = None,
+    baseline: BaselineConfig | None = None,
     seed: int = 0,
     out: str | Path | None = None,
     force: bool = False,
     progress: bool = True,
 ) -> Result:
     """Spearman (x 100) of PromptEOL cosine similarities with human scores on each STS set
-    (the shipped Lee documents, WordSim-353, SimLex-999, or your STS-B / SICK file).
+    (the shipped Lee documents, WordSim-353, SimLex-999, or your STS-B / SICK file), and the
+    k-fold accuracy of logistic regression on the frozen embeddings for each ``transfer``
+    task; all-MiniLM-L6-v2 is scored beside on the same pairs and folds (``minilm`` keys)
+    unless ``baseline.minilm`` is off.
 
     >>> result = embed_eval(load_model("tiny:llama"), STSEval(sts=("wordsim353",), limit=20),
+    ...                     transfer=TransferEval(classify=("sentiment",), folds=2),
     ...                     progress=False)
-    >>> result["sts"]["wordsim353"]["pairs"]
-    20
+    >>> result["sts"]["wordsim353"]["pairs"], result["classify"]["sentiment"]["examples"]
+    (20, 200)
+    >>> 0 <= result["classify"]["sentiment"]["minilm"]["accuracy"] <= 100
+    True
     """
     sts = sts or STSEval()
     config = config or PromptEOLConfig()
+    transfer = transfer or TransferEval()
+    baseline = baseline or BaselineConfig()
     lm = resolve_model(model)
     sets = {name: sts_pairs(name)[: sts.limit] for name in sts.sts}  # bad files fail first
-    job = job_of("embed eval", lm, seed, sts=sts, prompt=config)
+    tasks = {name: classification_set(name) for name in transfer.classify}
+    for name, (_, labels) in tasks.items():
+        check_folds(labels, transfer.folds, name)
+    job = job_of("embed eval", lm, seed, sts=sts, prompt=config, transfer=transfer,
+                 baseline=baseline)  # fmt: skip
 
     def body(run: Run | None) -> dict[str, Any]:
         embedder = Embedder(lm, config)
+        bar = None if progress else False  # None: a bar on a terminal only
+        encoders = {"ours": lambda t: embedder.encode(t, show_progress_bar=bar)}
+        if baseline.minilm:
+            encoders["minilm"] = minilm_encoder(str(lm.device))
         scores: dict[str, Any] = {}
         for name, pairs in sets.items():
-            texts = list(dict.fromkeys(t for a, b, _ in pairs for t in (a, b)))
-            bar = None if progress else False  # None: a bar on a terminal only
-            vectors = dict(zip(texts, embedder.encode(texts, show_progress_bar=bar),
-                               strict=True))  # fmt: skip
-            cosine = [float(embedder.similarity(vectors[a], vectors[b])[0, 0])
-                      for a, b, _ in pairs]  # fmt: skip
-            scores[name] = {"spearman": spearman_x100(np.asarray(cosine),
-                                                      np.asarray([g for *_, g in pairs])),
-                            "pairs": len(pairs)}  # fmt: skip
-            log.info("%s: Spearman x100 %.2f (%d pairs)", name, scores[name]["spearman"],
-                     len(pairs))  # fmt: skip
-        return {"model": lm.spec, "sts": scores, "dimension": embedder.dimension}
+            spearman = {who: sts_spearman(encode, pairs) for who, encode in encoders.items()}
+            scores[name] = {"spearman": spearman.pop("ours"), "pairs": len(pairs),
+                            **{who: {"spearman": s} for who, s in spearman.items()}}  # fmt: skip
+            log.info("%s: Spearman x100 %s (%d pairs)", name, _beside(spearman, scores[name],
+                     "spearman"), len(pairs))  # fmt: skip
+        classified: dict[str, Any] = {}
+        for name, (texts, labels) in tasks.items():
+            accuracy = {}
+            for who, encode in encoders.items():
+                mean, std = cross_val_accuracy(np.asarray(encode(texts)), labels,
+                                               transfer.folds, seed)  # fmt: skip
+                accuracy[who] = {"accuracy": mean, "std": std}
+            classified[name] = {**accuracy.pop("ours"), "examples": len(texts),
+                                "folds": transfer.folds, **accuracy}  # fmt: skip
+            log.info("%s: accuracy %s (%d-fold, %d examples)", name,
+                     _beside({k: v["accuracy"] for k, v in accuracy.items()}, classified[name],
+                             "accuracy"), transfer.folds, len(texts))  # fmt: skip
+        result = {"model": lm.spec, "sts": scores, "dimension": embedder.dimension}
+        return result | ({"classify": classified} if classified else {})
+
+    return execute_job(job, body, out, force)
+
+
+def _beside(others: dict[str, float], ours: dict[str, Any], key: str) -> str:
+    """'46.60' or '46.60 (minilm 50.80)': a log line's figures."""
+    rest = ", ".join(f"{who} {value:.2f}" for who, value in others.items())
+    return f"{ours[key]:.2f}" + (f" ({rest})" if rest else "")
+
+
+def embed_select_demo(
+    model: LoadedModel | str | Path,
+    select: SelectDemoConfig | None = None,
+    config: PromptEOLConfig | None = None,
+    *,
+    candidates: list[tuple[str, str]] | None = None,
+    seed: int = 0,
+    out: str | Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> Result:
+    """Choose the in-context demonstration for ``model``: every (sentence, word) candidate
+    (``select.candidates``, or ``candidates`` given in Python) is scored by the mean dev
+    Spearman x100 of its prompt, the plain template too; the best is saved as ``demo.json``
+    in the run (``--demo RUN`` then uses it) and ``candidates`` lists every score.
+
+    >>> result = embed_select_demo(load_model("tiny:llama"),
+    ...     SelectDemoConfig(dev=("wordsim353:dev",)),
+    ...     candidates=[("A man is smoking.", "Smoking"), ("meat from a deer.", "Venison")],
+    ...     progress=False)
+    >>> len(result["candidates"]), result["demo"]["word"] in ("Smoking", "Venison")
+    (2, True)
+    """
+    select = select or SelectDemoConfig()
+    config = config or PromptEOLConfig()
+    if config.demo is not None:
+        raise OptlabError("select-demo chooses the demonstration: drop --demo")
+    lm = resolve_model(model)
+    given = candidates is not None
+    pool = list(candidates) if given else read_candidates(select.candidates)  # type: ignore[arg-type]
+    if not pool:
+        raise OptlabError("no demonstration candidates to choose from")
+    pool = pool[: select.limit]
+    dev = {name: sts_pairs(name) for name in select.dev}
+    record = select if not given else replace(select, candidates="given_in_python")
+    job = job_of("embed select-demo", lm, seed, select=record, prompt=config)
+
+    def body(run: Run | None) -> dict[str, Any]:
+        plain, *scored = demo_scores(lm, [None, *pool], dev, config, progress=progress)
+        best = max(scored, key=lambda s: s["spearman"])  # the first of equals: stable
+        demo = {"sentence": best["sentence"], "word": best["word"], "template": TEMPLATE,
+                "dev": list(select.dev), "spearman": best["spearman"],
+                "model": lm.spec}  # fmt: skip
+        log.info("chosen %r -> %s: dev Spearman %.2f (plain template %.2f)", best["sentence"],
+                 best["word"], best["spearman"], plain["spearman"])  # fmt: skip
+        if best["spearman"] <= plain["spearman"]:
+            log.warning("no candidate beats the plain template on the dev sets")
+        if run is not None:
+            demo["file"] = str(run.save_json(DEMO_FILE, demo))
+        return {"model": lm.spec, "demo": demo, "plain": plain, "dev": list(select.dev),
+                "candidates": scored}  # fmt: skip
 
     return execute_job(job, body, out, force)

@@ -12,8 +12,11 @@ prompt's last token; similarity is the cosine. The encoder follows sentence-tran
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,6 +39,41 @@ PRESETS: dict[str, tuple[str, str]] = {
 }
 
 
+DEMO_FILE = "demo.json"  # what `optlab embed select-demo` saves in its run
+
+
+def one_word_demo(sentence: str, word: str, where: str) -> tuple[str, str]:
+    """A (sentence, word) demonstration, stripped; ``where`` names its source in errors."""
+    sentence, word = sentence.strip(), word.strip()
+    require(bool(sentence and word), f"{where}: a demonstration needs a sentence and a word")
+    require(len(word.split()) == 1, f"{where}: the answer must be one word, got {word!r}")
+    return sentence, word
+
+
+@lru_cache(maxsize=16)
+def _demo_file(path: Path, modified: int) -> tuple[str, str]:
+    where = f"--demo {str(path)!r}"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise OptlabError(f"{where}: cannot read the demonstration ({err})") from None
+    if not isinstance(saved, dict) or not all(isinstance(saved.get(k), str) for k in
+                                              ("sentence", "word")):  # fmt: skip
+        raise OptlabError(f"{where}: expected an object with 'sentence' and 'word' strings")
+    return one_word_demo(saved["sentence"], saved["word"], where)
+
+
+def read_demo(path: str | Path) -> tuple[str, str]:
+    """The demonstration saved by ``select-demo``: its run folder or the ``demo.json`` in it
+    (read once per version of the file: prompts are built per sentence)."""
+    file = Path(path).expanduser()
+    file = file / DEMO_FILE if file.is_dir() else file
+    if not file.is_file():
+        raise OptlabError(f"--demo {str(path)!r}: no {DEMO_FILE} there (give a select-demo "
+                          "run folder, a preset or 'SENTENCE=>WORD')")  # fmt: skip
+    return _demo_file(file.resolve(), file.stat().st_mtime_ns)
+
+
 def preprocess(sentence: str) -> str:
     """The official evaluation's clean-up: end with a full stop unless the sentence ends in
     one of ``.?"'``, double quotes become single ones, and a final ``?`` becomes ``.``."""
@@ -51,14 +89,16 @@ def preprocess(sentence: str) -> str:
 @dataclass(frozen=True)
 class PromptEOLConfig:
     """The prompt around each sentence: the template, and one optional demonstration
-    (``demo``: a preset name such as ``opt-2.7b``, or ``SENTENCE=>WORD``).
+    (``demo``: a preset name such as ``opt-2.7b``, ``SENTENCE=>WORD``, or a ``select-demo``
+    run folder or its ``demo.json``).
 
     >>> print(PromptEOLConfig(demo="opt-2.7b").prompt('He said "hi"?'))
     This sentence : "A jockey riding a horse." means in one word:"Equestrian".This sentence : "He said 'hi'." means in one word:"
     """  # noqa: E501
 
     demo: str | None = option(None, "one in-context demonstration: a preset (opt-125m ... "
-                              "opt-13b) or 'SENTENCE=>WORD'", metavar="DEMO")  # fmt: skip
+                              "opt-13b), 'SENTENCE=>WORD' or a select-demo run folder",
+                              metavar="DEMO")  # fmt: skip
     preprocess: bool = option(True, "keep sentences as given (no end-of-sentence clean-up)",
                               flag="--no-preprocess")  # fmt: skip
     batch_size: int = option(32, "sentences per forward pass")
@@ -72,12 +112,13 @@ class PromptEOLConfig:
             return None
         if self.demo in PRESETS:
             return PRESETS[self.demo]
-        sentence, arrow, word = self.demo.partition("=>")
+        sentence, arrow, word = self.demo.rpartition("=>")  # the word has no "=>" in it
+        if not arrow and (self.demo.endswith(".json") or Path(self.demo).expanduser().is_dir()):
+            return read_demo(self.demo)
         require(bool(arrow and sentence.strip() and word.strip()), f"--demo {self.demo!r}: give "
-                f"a preset ({', '.join(PRESETS)}) or 'SENTENCE=>WORD'")  # fmt: skip
-        require(len(word.split()) == 1, f"--demo {self.demo!r}: the answer must be one word, "
-                f"got {word.strip()!r}")  # fmt: skip
-        return sentence.strip(), word.strip()
+                f"a preset ({', '.join(PRESETS)}), 'SENTENCE=>WORD' or a select-demo run "
+                "folder")  # fmt: skip
+        return one_word_demo(sentence, word, f"--demo {self.demo!r}")
 
     def prompt(self, sentence: str) -> str:
         """The full prompt of one sentence (demonstration first, with no separator)."""
