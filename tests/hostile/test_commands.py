@@ -23,6 +23,8 @@ def inputs(tmp: Path) -> dict[str, Path]:
     files = {"text": ("text.txt", TEXT), "forget": ("forget.jsonl", QA),
              "retain": ("retain.jsonl", QA), "csv": ("runs.csv", CSV),
              "entities": ("entities.txt", "France\nParis\n"),
+             "quiz": ("quiz.jsonl", '{"context": "2+2=", "choices": [" 4", " 5"], "gold": 0}\n'
+                      * 4),
              "recipe": ("r.yaml", RECIPE)}  # fmt: skip
     paths = {}
     for key, (name, text) in files.items():
@@ -31,9 +33,13 @@ def inputs(tmp: Path) -> dict[str, Path]:
     return paths
 
 
-def command_args(tmp: Path, prune_run: Path) -> dict[str, list[object]]:
-    """A small valid invocation of every command, without --out."""
+def command_args(tmp: Path, prune_run: Path, uprise: Path) -> dict[str, list[object]]:
+    """A small valid invocation of every command, without --out (``uprise``: a complete
+    ``retrieve run``, the input of each later retrieve stage; see :func:`_uprise`)."""
     f = inputs(tmp)
+    tiny = ["--hold-out", "topic", "--only", "polarity,newsgroups", "--pool-size", "4",
+            "--test-size", "2", "--candidates", "2",
+            "--task-files", f"mc:{f['quiz']}@topic"]  # fmt: skip
     data = ["--forget", f["forget"], "--retain", f["retain"], "--steps", "1"]
     return {
         "info": ["info", "tiny:opt"],
@@ -51,12 +57,29 @@ def command_args(tmp: Path, prune_run: Path) -> dict[str, list[object]]:
         "demo": ["demo"],
         "embed encode": ["embed", "encode", "tiny:opt", f["text"]],
         "embed eval": ["embed", "eval", "tiny:opt", "--sts", "wordsim353", "--limit", "4"],
+        "retrieve score": ["retrieve", "score", "tiny:opt", *tiny],
+        "retrieve train": ["retrieve", "train", uprise, "--epochs", "1"],
+        "retrieve index": ["retrieve", "index", uprise],
+        "retrieve eval": ["retrieve", "eval", uprise, "--methods", "zero", "--k", "1"],
+        "retrieve run": ["retrieve", "run", "tiny:opt", *tiny, "--epochs", "1"],
     }
+
+
+RETRIEVE_STAGES = ("retrieve train", "retrieve index", "retrieve eval")
+
+
+def _uprise(request: pytest.FixtureRequest, command: str) -> Path:
+    """The tiny retrieve run for the commands that read one (built once per session, only
+    when such a command is tested); a path never read for the others."""
+    if command in RETRIEVE_STAGES:
+        return request.getfixturevalue("retrieve_run")
+    return Path("no-retrieve-run")
 
 
 COMMANDS = ["info", "eval", "prune", "retrain", "quantize", "unlearn", "unlearn sweep",
             "audit skeb", "audit reliability", "audit graph", "run", "rerun", "demo",
-            "embed encode", "embed eval"]  # fmt: skip
+            "embed encode", "embed eval", "retrieve score", "retrieve train", "retrieve index",
+            "retrieve eval", "retrieve run"]  # fmt: skip
 WRITERS = [c for c in COMMANDS if c != "info"]  # info prints and writes nothing
 
 # A typed flag of each command and a value it cannot take. run and rerun have no typed
@@ -75,6 +98,11 @@ BAD_VALUES: dict[str, tuple[list[str], list[str]]] = {
     "demo": (["--limit", "0"], ["--limit", "0"]),
     "embed encode": (["--batch-size", "x"], ["--batch-size", "'x'"]),
     "embed eval": (["--limit", "x"], ["--limit", "'x'"]),
+    "retrieve score": (["--candidates", "many"], ["--candidates", "'many'"]),
+    "retrieve train": (["--lr", "fast"], ["--lr", "'fast'"]),
+    "retrieve index": (["--seed", "x"], ["--seed", "'x'"]),
+    "retrieve eval": (["--k", "three"], ["--k", "'three'"]),
+    "retrieve run": (["--pool-size", "0"], ["pool_size", "0"]),  # checked by its config
 }
 
 
@@ -85,8 +113,8 @@ def _out(tmp: Path, command: str) -> list[object]:
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_a_foreign_flag_is_one_line(capsys, tmp_path, prune_run, command) -> None:
-    args = command_args(tmp_path, prune_run)[command]
+def test_a_foreign_flag_is_one_line(capsys, tmp_path, prune_run, request, command) -> None:
+    args = command_args(tmp_path, prune_run, _uprise(request, command))[command]
     before = snapshot(tmp_path)
     code, out, err = run_cli(capsys, *args, "--bogus", "1", *_out(tmp_path, command))
     error_line(code, err, "--bogus")
@@ -94,8 +122,10 @@ def test_a_foreign_flag_is_one_line(capsys, tmp_path, prune_run, command) -> Non
 
 
 @pytest.mark.parametrize("command", [*BAD_VALUES, "run", "rerun"])
-def test_a_bad_value_of_a_typed_flag_is_one_line(capsys, tmp_path, prune_run, command) -> None:
-    args = command_args(tmp_path, prune_run)[command]
+def test_a_bad_value_of_a_typed_flag_is_one_line(
+    capsys, tmp_path, prune_run, request, command
+) -> None:
+    args = command_args(tmp_path, prune_run, _uprise(request, command))[command]
     if command in ("run", "rerun"):
         extra, needles, out_args = [], ["--out"], []
     else:
@@ -108,8 +138,10 @@ def test_a_bad_value_of_a_typed_flag_is_one_line(capsys, tmp_path, prune_run, co
 
 @pytest.mark.parametrize("force", [False, True])
 @pytest.mark.parametrize("command", WRITERS)
-def test_an_out_that_is_not_a_run_is_untouched(capsys, tmp_path, prune_run, command, force) -> None:
-    args = command_args(tmp_path, prune_run)[command]
+def test_an_out_that_is_not_a_run_is_untouched(
+    capsys, tmp_path, prune_run, request, command, force
+) -> None:
+    args = command_args(tmp_path, prune_run, _uprise(request, command))[command]
     target = tmp_path / "mine"
     target.mkdir()
     (target / "thesis.tex").write_text("years of work")
@@ -137,14 +169,17 @@ def _spoil(path: Path, how: str) -> None:
 # (command, the input to spoil, what the error line names: a folder/missing/not UTF-8 word)
 FILE_INPUTS = [("eval", "text"), ("unlearn", "forget"), ("unlearn sweep", "retain"),
                ("audit reliability", "csv"), ("audit graph", "entities"),
-               ("run", "recipe"), ("embed encode", "text")]  # fmt: skip
+               ("run", "recipe"), ("embed encode", "text"), ("retrieve score", "quiz"),
+               ("retrieve run", "quiz")]  # fmt: skip
 SPOILED = {"missing": "no such file", "folder": "is a folder", "latin1": "not UTF-8"}
 
 
 @pytest.mark.parametrize("how", list(SPOILED))
 @pytest.mark.parametrize(("command", "key"), FILE_INPUTS)
-def test_a_spoiled_input_file_is_one_line(capsys, tmp_path, prune_run, command, key, how) -> None:
-    args = command_args(tmp_path, prune_run)[command]
+def test_a_spoiled_input_file_is_one_line(
+    capsys, tmp_path, prune_run, request, command, key, how
+) -> None:
+    args = command_args(tmp_path, prune_run, _uprise(request, command))[command]
     path = inputs(tmp_path)[key]  # the same files command_args wrote
     _spoil(path, how)
     before = snapshot(tmp_path)

@@ -19,6 +19,13 @@ from optlab.api._base import rerun, resolve_model
 from optlab.api._compress import QUANT_CALIB, prune, quantize, retrain
 from optlab.api._embed import embed_encode, embed_eval
 from optlab.api._evaluation import describe_model, evaluate, info
+from optlab.api._retrieve import (
+    retrieve_eval,
+    retrieve_index,
+    retrieve_run,
+    retrieve_score,
+    retrieve_train,
+)
 from optlab.api._unlearning import unlearn, unlearn_sweep
 from optlab.audit.graph import GraphConfig
 from optlab.audit.reliability import ReliabilityConfig
@@ -49,6 +56,10 @@ from optlab.quant.quantize import (
     UniformConfig,
 )
 from optlab.retraining.perp import PerpConfig
+from optlab.retrieve.pipeline import RetrievalEval
+from optlab.retrieve.retriever import RetrieverConfig
+from optlab.retrieve.scoring import ScoreConfig
+from optlab.retrieve.tasks import TaskSplit
 from optlab.unlearning.data import Example
 from optlab.unlearning.metrics import EvalConfig
 from optlab.unlearning.scenarios import Scenario, UnlearnData
@@ -79,15 +90,19 @@ __all__ = [
     "RTNConfig",
     "ReliabilityConfig",
     "Result",
+    "RetrievalEval",
+    "RetrieverConfig",
     "Run",
     "STSEval",
     "Scenario",
+    "ScoreConfig",
     "Scorer",
     "SkebConfig",
     "SparseGPTConfig",
     "StorageConfig",
     "TDMPQConfig",
     "TaskEval",
+    "TaskSplit",
     "TeachConfig",
     "TiersConfig",
     "UniformConfig",
@@ -111,6 +126,11 @@ __all__ = [
     "rerun",
     "resolve_model",
     "retrain",
+    "retrieve_eval",
+    "retrieve_index",
+    "retrieve_run",
+    "retrieve_score",
+    "retrieve_train",
     "run_layerwise",
     "run_tasks",
     "unlearn",

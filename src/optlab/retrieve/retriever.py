@@ -91,10 +91,10 @@ def load_encoder(path: str, *, device: str = "cpu", max_length: int = 256) -> An
     """A sentence-transformers encoder without its final Normalize module (dot products of
     unnormalised embeddings, as the paper's encoders)."""
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.models import Normalize
 
     model = SentenceTransformer(path, device=device)
-    kept = [m for m in model if not isinstance(m, Normalize)]
+    # By name: the module's import path moved between sentence-transformers versions.
+    kept = [m for m in model if type(m).__name__ != "Normalize"]
     encoder = SentenceTransformer(modules=kept, device=device)
     encoder.max_seq_length = max_length
     return encoder
@@ -102,7 +102,8 @@ def load_encoder(path: str, *, device: str = "cpu", max_length: int = 256) -> An
 
 def embed(encoder: Any, texts: Sequence[str]) -> torch.Tensor:
     """Embeddings of ``texts`` with gradients (``encode`` runs without them)."""
-    features = encoder.tokenize(list(texts))
+    # ``preprocess`` is the newer name of ``tokenize`` (sentence-transformers 6).
+    features = getattr(encoder, "preprocess", encoder.tokenize)(list(texts))
     device = next(encoder.parameters()).device
     features = {k: v.to(device) if isinstance(v, torch.Tensor) else v
                 for k, v in features.items()}  # fmt: skip
