@@ -99,3 +99,15 @@ def test_an_interrupted_scoring_resumes_from_its_cache(lm, tmp_path) -> None:
     resumed = score_examples(scorer, pool, {"t": pool}, config, cache=tmp_path)
     assert sum(calls) == 2 * 3 * 2  # 2 examples x 3 candidates x 2 options: only the rest
     assert json.dumps(resumed, sort_keys=True) == json.dumps(full, sort_keys=True)
+
+
+def test_two_processes_shares_merge_into_the_one_process_table(lm, tmp_path) -> None:
+    pool = _pool(5)
+    config = ScoreConfig(candidates=2)
+    scorer = Scorer(lm, progress=False)
+    alone = score_examples(scorer, pool, {"t": pool}, config)
+    for rank in (0, 1):  # as two `accelerate launch` processes, each writing its own file
+        score_examples(scorer, pool, {"t": pool}, config, cache=tmp_path, rank=rank, world=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scores-0.jsonl", "scores-1.jsonl"]
+    merged = score_examples(scorer, [], {"t": pool}, config, cache=tmp_path)
+    assert json.dumps(merged, sort_keys=True) == json.dumps(alone, sort_keys=True)
