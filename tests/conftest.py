@@ -29,3 +29,26 @@ def default_lm() -> LoadedModel:
 
 def random_ids(n: int, length: int, vocab: int = 256, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+# A tiny but complete UPRISE run (scores, encoders, index, evaluation): the input of the
+# retrieve train / index / eval tests, hostile ones included.
+RETRIEVE_TINY = ["--hold-out", "topic", "--only", "polarity,newsgroups", "--pool-size", "6",
+                 "--test-size", "2", "--candidates", "3"]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def retrieve_run(tmp_path_factory: pytest.TempPathFactory):
+    import contextlib
+    import io
+
+    from optlab.cli import main
+
+    out = tmp_path_factory.mktemp("retrieve") / "uprise"
+    args = ["retrieve", "run", "tiny:llama", *RETRIEVE_TINY, "--epochs", "2",
+            "--train-batch-size", "2", "--k", "2", "--methods", "zero,uprise", "--bootstrap",
+            "50", "--out", str(out)]  # fmt: skip
+    # Quiet: a test that asks for this fixture checks what its own command prints.
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert main(args) == 0
+    return out

@@ -28,6 +28,10 @@ from optlab.eval.tasks import TaskEval
 from optlab.pruning.pruner import WandaConfig
 from optlab.quant.quantize import RTNConfig, StorageConfig, TDMPQConfig
 from optlab.retraining.perp import PerpConfig
+from optlab.retrieve.pipeline import RetrievalEval
+from optlab.retrieve.retriever import RetrieverConfig
+from optlab.retrieve.scoring import ScoreConfig
+from optlab.retrieve.tasks import TaskSplit
 from optlab.unlearning.job import SweepConfig, UnlearnOutput
 from optlab.unlearning.losses import LOSSES, offered_methods
 from optlab.unlearning.metrics import EvalConfig
@@ -252,6 +256,10 @@ GROUPS = {  # two-word commands ("audit skeb") are subcommands of their first wo
              "when to exit; `exit generate` decodes with exits (policy, confidence, fixed "
              "layer) and a KV cache, or exactly as the full model by self-speculative "
              "decoding; `exit bench` sets quality against executed layers, time and energy."),
+    "retrieve": ("UPRISE prompt retrieval: score, train, index, eval, or run the whole chain",
+                 "Universal prompt retrieval (UPRISE, Cheng et al. 2023): a frozen LLM scores "
+                 "which\ndemonstrations help, a bi-encoder learns to retrieve them, and the "
+                 "retriever is tested\non a task cluster it never saw (and with other LLMs)."),
 }  # fmt: skip
 
 
@@ -490,6 +498,124 @@ register_command(Command(
     examples=("optlab exit policy runs/exit-train --timesteps 500000 --out runs/policy",
               "optlab exit policy default --exits 3,5,7,9,11,13,17,21,25 --episodes 64 "
               "--timesteps 20000 --out runs/policy-base"),
+))  # fmt: skip
+
+
+_CLUSTERS = (
+    "Clusters (tasks) from shipped data: closed_qa (country_capital, country_region),\n"
+    "analogy (analogy_semantic, analogy_syntactic), sentiment (polarity),\n"
+    "word_similarity (wordsim353, simlex999), topic (newsgroups); your own with\n"
+    "--task-files mc:FILE.jsonl@CLUSTER (context, choices, gold) or\n"
+    "gen:FILE.jsonl@CLUSTER (context, target)."
+)
+_DATA = Section("data", TaskSplit(), "tasks and clusters")
+SCORE_RUN = Input("run", "SCORE_RUN", "a run of optlab retrieve score")
+
+
+def _retrieve_score(job: Job, *, out: str | Path | None, force: bool, progress: bool) -> Result:
+    return api.retrieve_score(_load(job), job.configs["data"], job.configs["score"],
+                              seed=job.seed, out=out, force=force, progress=progress)  # fmt: skip
+
+
+register_command(Command(
+    name="retrieve score",
+    help="score candidate prompts for every training example with the frozen LLM",
+    description="Build the prompt pool (the train splits of every cluster but --hold-out) "
+    "and, for each\ntraining example, score --candidates prompts of its own task: multiple "
+    "choice by\nloss_gold / sum of option losses (mean answer-token NLL), generation by "
+    "1 - metric.\nWrites tasks.json and scores.jsonl. An interrupted scoring resumes when "
+    "the same\ncommand runs again; `accelerate launch -m optlab.cli retrieve score ...` "
+    f"splits it\nacross processes.\n{_CLUSTERS}",
+    inputs=(MODEL,),
+    sections=(_DATA, Section("score", ScoreConfig(), "scoring")),
+    run=_retrieve_score,
+    examples=("optlab retrieve score default --hold-out sentiment --out runs/uprise-score",),
+))  # fmt: skip
+
+
+def _retrieve_train(job: Job, *, out: str | Path | None, force: bool, progress: bool) -> Result:
+    result = api.retrieve_train(job.inputs["run"], job.configs["retriever"], device=job.device,
+                                seed=job.seed, out=out, force=force, progress=progress)  # fmt: skip
+    return Result({k: v for k, v in result.metrics.items() if k != "losses"}, result.run)
+
+
+register_command(Command(
+    name="retrieve train",
+    help="mine positives/negatives from the scores and train the bi-encoder retriever",
+    description="Positive: the best-scoring prompt with one-shot accuracy > 0; hard "
+    "negatives: the worst\n--hard-negatives; random negatives: prompts of other tasks. "
+    "Train an input encoder\nand a prompt encoder (from all-MiniLM-L6-v2) with softmax "
+    "cross-entropy over the\nbatch's prompts (in-batch negatives); keep the best epoch by "
+    "validation loss. Writes\ninput_encoder/ and prompt_encoder/ (SentenceTransformer(path) "
+    "loads each).",
+    inputs=(SCORE_RUN,),
+    sections=(Section("retriever", RetrieverConfig(), "retriever"),),
+    run=_retrieve_train,
+    examples=("optlab retrieve train runs/uprise-score --out runs/uprise-train",),
+))  # fmt: skip
+
+
+def _retrieve_index(job: Job, *, out: str | Path | None, force: bool, progress: bool) -> Result:
+    return api.retrieve_index(job.inputs["run"], device=job.device, seed=job.seed, out=out,
+                              force=force, progress=progress)  # fmt: skip
+
+
+register_command(Command(
+    name="retrieve index",
+    help="encode the prompt pool with the trained prompt encoder into a FAISS index",
+    description="Encode every prompt of the pool (question + answer) with the prompt "
+    "encoder of TRAIN_RUN\ninto a FAISS inner-product index (IndexFlatIP): index.faiss.",
+    inputs=(Input("run", "TRAIN_RUN", "a run of optlab retrieve train"),),
+    sections=(),
+    run=_retrieve_index,
+    examples=("optlab retrieve index runs/uprise-train --out runs/uprise-index",),
+))  # fmt: skip
+
+
+def _retrieve_eval(job: Job, *, out: str | Path | None, force: bool, progress: bool) -> Result:
+    return api.retrieve_eval(job.inputs["run"], job.configs["eval"], device=job.device,
+                             seed=job.seed, out=out, force=force, progress=progress)  # fmt: skip
+
+
+_EVAL = (
+    "Each test input of the held-out cluster gets --k prompts (uprise: the trained "
+    "retriever;\nrandom; bm25; knn: off-the-shelf MiniLM; zero: none), cut to fit the "
+    "context and\nreversed so the best sits next to the input (p3 \\n p2 \\n p1 \\n "
+    "input); multiple choice\nby the lowest mean answer-token NLL, generation greedy. "
+    "Per task: mean and bootstrap\n95% interval."
+)
+register_command(Command(
+    name="retrieve eval",
+    help="UPRISE vs zero-shot, random, BM25 and MiniLM-kNN prompts on the held-out cluster",
+    description=f"{_EVAL}\n--lm MODEL evaluates with another LLM than the one that "
+    "scored (cross-model).",
+    inputs=(Input("run", "INDEX_RUN", "a run of optlab retrieve index (or retrieve run)"),),
+    sections=(Section("eval", RetrievalEval(), "evaluation"),),
+    run=_retrieve_eval,
+    out="optional",
+    examples=("optlab retrieve eval runs/uprise-index --lm tiny:opt --test-limit 50",),
+))  # fmt: skip
+
+
+def _retrieve_run(job: Job, *, out: str | Path | None, force: bool, progress: bool) -> Result:
+    c = job.configs
+    return api.retrieve_run(_load(job), c["data"], c["score"], c["retriever"], c["eval"],
+                            seed=job.seed, out=out, force=force, progress=progress)  # fmt: skip
+
+
+register_command(Command(
+    name="retrieve run",
+    help="the whole UPRISE chain: score, train, index, eval with every baseline",
+    description="Score prompts with MODEL on every cluster but --hold-out, train the "
+    "retriever, index the\npool and evaluate on the held-out cluster, all in one run "
+    f"folder.\n{_EVAL}\n{_CLUSTERS}",
+    inputs=(MODEL,),
+    sections=(_DATA, Section("score", ScoreConfig(), "scoring"),
+              Section("retriever", RetrieverConfig(), "retriever"),
+              Section("eval", RetrievalEval(), "evaluation")),
+    run=_retrieve_run,
+    examples=("optlab retrieve run default --hold-out sentiment --candidates 10 "
+              "--score-limit 40 --epochs 2 --out runs/uprise",),
 ))  # fmt: skip
 
 

@@ -26,7 +26,9 @@ def inputs(tmp: Path) -> dict[str, Path]:
              "entities": ("entities.txt", "France\nParis\n"),
              "recipe": ("r.yaml", RECIPE), "pairs": ("pairs.jsonl", PAIRS),
              "candidates": ("demos.txt", "A man is smoking.=>Smoking\nmeat.=>Venison\n"),
-             "classify": ("labels.csv", "text,label\nA fine film.,1\nA dull.,0\n")}  # fmt: skip
+             "classify": ("labels.csv", "text,label\nA fine film.,1\nA dull.,0\n"),
+             "quiz": ("quiz.jsonl", '{"context": "2+2=", "choices": [" 4", " 5"], "gold": 0}\n'
+                      * 4)}  # fmt: skip
     paths = {}
     for key, (name, text) in files.items():
         paths[key] = folder / name
@@ -34,9 +36,13 @@ def inputs(tmp: Path) -> dict[str, Path]:
     return paths
 
 
-def command_args(tmp: Path, prune_run: Path) -> dict[str, list[object]]:
-    """A small valid invocation of every command, without --out."""
+def command_args(tmp: Path, prune_run: Path, uprise: Path) -> dict[str, list[object]]:
+    """A small valid invocation of every command, without --out (``uprise``: a complete
+    ``retrieve run``, the input of each later retrieve stage; see :func:`_uprise`)."""
     f = inputs(tmp)
+    tiny = ["--hold-out", "topic", "--only", "polarity,newsgroups", "--pool-size", "4",
+            "--test-size", "2", "--candidates", "2",
+            "--task-files", f"mc:{f['quiz']}@topic"]  # fmt: skip
     data = ["--forget", f["forget"], "--retain", f["retain"], "--steps", "1"]
     pairs = ["--data", f"code:{f['pairs']}", "--eval-windows", "0", "--context-length", "8"]
     return {
@@ -63,13 +69,30 @@ def command_args(tmp: Path, prune_run: Path) -> dict[str, list[object]]:
                           "--max-new-tokens", "2"],
         "exit policy": ["exit", "policy", "tiny:opt", "--exits", "1", "--episodes", "1",
                         "--timesteps", "8", "--n-steps", "8", "--batch-size", "4"],
+        "retrieve score": ["retrieve", "score", "tiny:opt", *tiny],
+        "retrieve train": ["retrieve", "train", uprise, "--epochs", "1"],
+        "retrieve index": ["retrieve", "index", uprise],
+        "retrieve eval": ["retrieve", "eval", uprise, "--methods", "zero", "--k", "1"],
+        "retrieve run": ["retrieve", "run", "tiny:opt", *tiny, "--epochs", "1"],
     }  # fmt: skip
+
+
+RETRIEVE_STAGES = ("retrieve train", "retrieve index", "retrieve eval")
+
+
+def _uprise(request: pytest.FixtureRequest, command: str) -> Path:
+    """The tiny retrieve run for the commands that read one (built once per session, only
+    when such a command is tested); a path never read for the others."""
+    if command in RETRIEVE_STAGES:
+        return request.getfixturevalue("retrieve_run")
+    return Path("no-retrieve-run")
 
 
 COMMANDS = ["info", "eval", "prune", "retrain", "quantize", "unlearn", "unlearn sweep",
             "audit skeb", "audit reliability", "audit graph", "run", "rerun", "demo",
             "embed encode", "embed eval", "embed select-demo", "exit train", "exit generate",
-            "exit policy"]  # fmt: skip
+            "exit policy", "retrieve score", "retrieve train", "retrieve index",
+            "retrieve eval", "retrieve run"]  # fmt: skip
 WRITERS = [c for c in COMMANDS if c != "info"]  # info prints and writes nothing
 
 # A typed flag of each command and a value it cannot take. run and rerun have no typed
@@ -92,6 +115,11 @@ BAD_VALUES: dict[str, tuple[list[str], list[str]]] = {
     "exit train": (["--exits", "99"], ["exit layer 99", "outside the model"]),
     "exit generate": (["--tau", "x"], ["--tau", "'x'"]),
     "exit policy": (["--timesteps", "many"], ["--timesteps", "'many'"]),
+    "retrieve score": (["--candidates", "many"], ["--candidates", "'many'"]),
+    "retrieve train": (["--lr", "fast"], ["--lr", "'fast'"]),
+    "retrieve index": (["--seed", "x"], ["--seed", "'x'"]),
+    "retrieve eval": (["--k", "three"], ["--k", "'three'"]),
+    "retrieve run": (["--pool-size", "0"], ["pool_size", "0"]),  # checked by its config
 }
 
 
@@ -102,8 +130,8 @@ def _out(tmp: Path, command: str) -> list[object]:
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_a_foreign_flag_is_one_line(capsys, tmp_path, prune_run, command) -> None:
-    args = command_args(tmp_path, prune_run)[command]
+def test_a_foreign_flag_is_one_line(capsys, tmp_path, prune_run, request, command) -> None:
+    args = command_args(tmp_path, prune_run, _uprise(request, command))[command]
     before = snapshot(tmp_path)
     code, out, err = run_cli(capsys, *args, "--bogus", "1", *_out(tmp_path, command))
     error_line(code, err, "--bogus")
@@ -111,8 +139,10 @@ def test_a_foreign_flag_is_one_line(capsys, tmp_path, prune_run, command) -> Non
 
 
 @pytest.mark.parametrize("command", [*BAD_VALUES, "run", "rerun"])
-def test_a_bad_value_of_a_typed_flag_is_one_line(capsys, tmp_path, prune_run, command) -> None:
-    args = command_args(tmp_path, prune_run)[command]
+def test_a_bad_value_of_a_typed_flag_is_one_line(
+    capsys, tmp_path, prune_run, request, command
+) -> None:
+    args = command_args(tmp_path, prune_run, _uprise(request, command))[command]
     if command in ("run", "rerun"):
         extra, needles, out_args = [], ["--out"], []
     else:
@@ -125,8 +155,10 @@ def test_a_bad_value_of_a_typed_flag_is_one_line(capsys, tmp_path, prune_run, co
 
 @pytest.mark.parametrize("force", [False, True])
 @pytest.mark.parametrize("command", WRITERS)
-def test_an_out_that_is_not_a_run_is_untouched(capsys, tmp_path, prune_run, command, force) -> None:
-    args = command_args(tmp_path, prune_run)[command]
+def test_an_out_that_is_not_a_run_is_untouched(
+    capsys, tmp_path, prune_run, request, command, force
+) -> None:
+    args = command_args(tmp_path, prune_run, _uprise(request, command))[command]
     target = tmp_path / "mine"
     target.mkdir()
     (target / "thesis.tex").write_text("years of work")
@@ -156,14 +188,17 @@ FILE_INPUTS = [("eval", "text"), ("unlearn", "forget"), ("unlearn sweep", "retai
                ("audit reliability", "csv"), ("audit graph", "entities"),
                ("run", "recipe"), ("embed encode", "text"), ("embed eval", "classify"),
                ("embed select-demo", "candidates"), ("exit train", "pairs"),
-               ("exit generate", "text")]  # fmt: skip
+               ("exit generate", "text"), ("retrieve score", "quiz"),
+               ("retrieve run", "quiz")]  # fmt: skip
 SPOILED = {"missing": "no such file", "folder": "is a folder", "latin1": "not UTF-8"}
 
 
 @pytest.mark.parametrize("how", list(SPOILED))
 @pytest.mark.parametrize(("command", "key"), FILE_INPUTS)
-def test_a_spoiled_input_file_is_one_line(capsys, tmp_path, prune_run, command, key, how) -> None:
-    args = command_args(tmp_path, prune_run)[command]
+def test_a_spoiled_input_file_is_one_line(
+    capsys, tmp_path, prune_run, request, command, key, how
+) -> None:
+    args = command_args(tmp_path, prune_run, _uprise(request, command))[command]
     path = inputs(tmp_path)[key]  # the same files command_args wrote
     _spoil(path, how)
     before = snapshot(tmp_path)

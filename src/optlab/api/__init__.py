@@ -21,6 +21,13 @@ from optlab.api._early_exit import exit_generate, exit_train
 from optlab.api._embed import embed_encode, embed_eval, embed_select_demo
 from optlab.api._evaluation import describe_model, evaluate, info
 from optlab.api._exit_policy import exit_policy
+from optlab.api._retrieve import (
+    retrieve_eval,
+    retrieve_index,
+    retrieve_run,
+    retrieve_score,
+    retrieve_train,
+)
 from optlab.api._unlearning import unlearn, unlearn_sweep
 from optlab.audit.graph import GraphConfig
 from optlab.audit.reliability import ReliabilityConfig
@@ -58,6 +65,10 @@ from optlab.quant.quantize import (
     UniformConfig,
 )
 from optlab.retraining.perp import PerpConfig
+from optlab.retrieve.pipeline import RetrievalEval
+from optlab.retrieve.retriever import RetrieverConfig
+from optlab.retrieve.scoring import ScoreConfig
+from optlab.retrieve.tasks import TaskSplit
 from optlab.unlearning.data import Example
 from optlab.unlearning.metrics import EvalConfig
 from optlab.unlearning.scenarios import Scenario, UnlearnData
@@ -95,9 +106,12 @@ __all__ = [
     "RTNConfig",
     "ReliabilityConfig",
     "Result",
+    "RetrievalEval",
+    "RetrieverConfig",
     "Run",
     "STSEval",
     "Scenario",
+    "ScoreConfig",
     "Scorer",
     "SelectDemoConfig",
     "SkebConfig",
@@ -105,6 +119,7 @@ __all__ = [
     "StorageConfig",
     "TDMPQConfig",
     "TaskEval",
+    "TaskSplit",
     "TeachConfig",
     "TiersConfig",
     "TransferEval",
@@ -133,6 +148,11 @@ __all__ = [
     "rerun",
     "resolve_model",
     "retrain",
+    "retrieve_eval",
+    "retrieve_index",
+    "retrieve_run",
+    "retrieve_score",
+    "retrieve_train",
     "run_layerwise",
     "run_tasks",
     "unlearn",

@@ -57,6 +57,15 @@ class WordPair(NamedTuple):
     score: float
 
 
+class Post(NamedTuple):
+    """A newsgroup post: its group (``sci.space``), subject line and body (headers and quoted
+    lines dropped)."""
+
+    group: str
+    subject: str
+    body: str
+
+
 class Sentence(NamedTuple):
     """A sentence with its sentiment label (1 positive, 0 negative)."""
 
@@ -270,6 +279,28 @@ def sentiment_sentences() -> list[Sentence]:
             label, text = line.split(" ", 1)
             sentences.append(Sentence(text, int(label == "__label__pos")))
     return sentences
+
+
+def newsgroup_posts() -> list[Post]:
+    """The posts of gensim's ``mini_newsgroup`` (sci.space and alt.atheism). The file is a
+    zlib-compressed pickle of a scikit-learn Bunch; it is never unpickled: its opcode stream
+    is only *read* (``pickletools.genops`` runs nothing) for the string constants that are
+    posts, each of which names its group in its own ``Newsgroups:`` header."""
+    import pickletools
+    import zlib
+
+    raw = zlib.decompress(_gensim_file("mini_newsgroup").read_bytes())
+    posts = []
+    for _, arg, _ in pickletools.genops(raw):
+        if not (isinstance(arg, str) and arg.startswith("Newsgroups:")):
+            continue
+        head, _, body = arg.partition("\n\n")
+        fields = dict(line.split(": ", 1) for line in head.splitlines() if ": " in line)
+        kept = [line for line in body.splitlines() if line.strip() and not line.startswith(
+            (">", "In article", "|")) and not line.rstrip().endswith("writes:")]  # fmt: skip
+        posts.append(Post(fields["Newsgroups"].strip(), fields.get("Subject", "").strip(),
+                          re.sub(r"\s+", " ", " ".join(kept)).strip()))  # fmt: skip
+    return posts
 
 
 def country_records() -> list[dict[str, Any]]:

@@ -48,6 +48,7 @@ class TrainConfig:
     warmup: float = 0.0
     weight_decay: float = 0.0
     schedule: str = "linear"
+    max_grad_norm: float | None = None  # clip the gradient's global norm before each step
     desc: str = "train"  # progress bar label and error-message prefix
 
 
@@ -203,6 +204,8 @@ def train_loop(
                         loss = micro_loss(wrapped, step, micro)
                     check_finite(loss, f"step {step}")
                     accelerator.backward(loss)
+                    if config.max_grad_norm is not None and accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(params, config.max_grad_norm)
                     optimizer.step()  # a no-op until the last micro-batch of the step
                     optimizer.zero_grad()
                 total += loss.detach()

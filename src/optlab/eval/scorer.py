@@ -119,6 +119,13 @@ class Scorer:
         """For each (context, continuation): log P(continuation | context) and whether the
         continuation is the greedy decoding. Trailing spaces of the context move to the
         continuation, as in lm-evaluation-harness."""
+        return self.score_tokens(self.continuation_tokens(requests), desc="loglikelihood")
+
+    def continuation_tokens(
+        self, requests: Sequence[tuple[str, str]]
+    ) -> list[tuple[list[int], int]]:
+        """The (tokens, continuation length) pairs :meth:`loglikelihood` scores: for callers
+        that need the token count too (a mean NLL per answer token)."""
         scored = []
         for context, continuation in requests:
             spaces = len(context) - len(context.rstrip())
@@ -130,7 +137,7 @@ class Scorer:
             else:
                 context_ids, continuation_ids = [self.prefix_token_id], self.encode(continuation)
             scored.append((context_ids + continuation_ids, len(continuation_ids)))
-        return self.score_tokens(scored, desc="loglikelihood")
+        return scored
 
     def rolling_loglikelihood(self, texts: Sequence[str]) -> list[float]:
         """Total log-likelihood of each text, in disjoint windows of ``max_length`` tokens;

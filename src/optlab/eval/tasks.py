@@ -88,6 +88,18 @@ def sentiment(scorer: Scorer, *, limit: int | None = None, **_: Any) -> dict:
     return multiple_choice(scorer, items)
 
 
+def analogy_item(
+    question: tuple[str, str, str, str], answers: list[str], rng: random.Random
+) -> ChoiceItem:
+    """One analogy (a : b :: c : ?) with the true answer and three distractors drawn from
+    ``answers`` (the answers of its section), in a random order."""
+    a, b, c, d = question
+    choices = [d, *rng.sample([x for x in answers if x != d], 3)]
+    rng.shuffle(choices)
+    return ChoiceItem(f"{a} is to {b} as {c} is to", tuple(f" {x}" for x in choices),
+                      choices.index(d))  # fmt: skip
+
+
 @TASKS.register("mc:analogy")
 def analogy(scorer: Scorer, *, limit: int | None = None, **_: Any) -> dict:
     """Word analogies (a : b :: c : ?) with four candidate answers from the same section."""
@@ -95,14 +107,8 @@ def analogy(scorer: Scorer, *, limit: int | None = None, **_: Any) -> dict:
     items = []
     for questions in data.analogy_questions().values():
         answers = sorted({q[3] for q in questions})
-        for a, b, c, d in rng.sample(questions, min(len(questions), 50)):
-            distractors = rng.sample([x for x in answers if x != d], 3)
-            choices = [d, *distractors]
-            rng.shuffle(choices)
-            items.append(
-                ChoiceItem(f"{a} is to {b} as {c} is to", tuple(f" {x}" for x in choices),
-                           choices.index(d))
-            )  # fmt: skip
+        for question in rng.sample(questions, min(len(questions), 50)):
+            items.append(analogy_item(question, answers, rng))
     rng.shuffle(items)
     return multiple_choice(scorer, items[:limit])
 
@@ -119,20 +125,26 @@ def facts(scorer: Scorer, *, limit: int | None = None, **_: Any) -> dict:
     return {"n": len(prompts), "samples": dict(zip(prompts, completions, strict=True))}
 
 
+def read_choice_items(path: Path) -> list[ChoiceItem]:
+    """The items of a ``{"context", "choices", "gold"}`` JSON Lines file; a line that lacks a
+    field or has a gold index that is not a choice is named in the error."""
+    items = []
+    for number, row in data.read_jsonl(path):
+        try:
+            item = ChoiceItem(row["context"], tuple(row["choices"]), int(row["gold"]))
+        except (ValueError, KeyError, TypeError) as err:
+            raise OptlabError(
+                f"{path}:{number}: expected {{'context', 'choices', 'gold'}} ({err})"
+            ) from err
+        if not 0 <= item.gold < len(item.choices):
+            raise OptlabError(f"{path}:{number}: gold {item.gold} is not a choice index")
+        items.append(item)
+    return items
+
+
 def _choice_file(path: Path) -> Task:
     def task(scorer: Scorer, *, limit: int | None = None, **_: Any) -> dict:
-        items = []
-        for number, row in data.read_jsonl(path):
-            try:
-                item = ChoiceItem(row["context"], tuple(row["choices"]), int(row["gold"]))
-            except (ValueError, KeyError, TypeError) as err:
-                raise OptlabError(
-                    f"{path}:{number}: expected {{'context', 'choices', 'gold'}} ({err})"
-                ) from err
-            if not 0 <= item.gold < len(item.choices):
-                raise OptlabError(f"{path}:{number}: gold {item.gold} is not a choice index")
-            items.append(item)
-        return multiple_choice(scorer, items[:limit])
+        return multiple_choice(scorer, read_choice_items(path)[:limit])
 
     return task
 
