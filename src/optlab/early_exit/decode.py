@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
@@ -202,7 +202,6 @@ class Generation:
     recomputed: int = 0
     filled: int = 0
     rounds: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def tokens_per_second(self) -> float:
