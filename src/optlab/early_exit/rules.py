@@ -102,10 +102,7 @@ def exit_rule(
     if spec == "policy":
         if policy is None:
             raise OptlabError("--exit policy needs --policy DIR (a run of `optlab exit policy`)")
-        try:  # optlab.early_exit.policy comes with `optlab exit policy` (another branch)
-            from optlab.early_exit.policy import load_policy  # type: ignore[import-not-found]
-        except ImportError:
-            message = "--exit policy needs optlab.early_exit.policy, not in this build"
-            raise OptlabError(message) from None
+        from optlab.early_exit.policy import load_policy  # gymnasium only when asked
+
         return load_policy(policy, lm, allowed, tau), allowed
     raise OptlabError(f"--exit {spec!r}: choose none, fixed:L, confidence or policy")
