@@ -16,6 +16,7 @@ from optlab.core.calibration import Calibration
 from optlab.core.job import COMMANDS, Command, Input, Job, Result, Section, register_command
 from optlab.early_exit.data import CodeDataConfig
 from optlab.early_exit.policy import PolicyConfig
+from optlab.early_exit.train import ExitTrainConfig
 from optlab.embed.prompteol import PromptEOLConfig
 from optlab.embed.sts import STSEval
 from optlab.eval.perplexity import PerplexityEval
@@ -238,12 +239,15 @@ GROUPS = {  # two-word commands ("audit skeb") are subcommands of their first wo
     "embed": ("sentence embeddings by PromptEOL: encode texts, evaluate on STS",
               "Sentence embeddings from a causal LM by prompting (PromptEOL, Jiang et al. 2023):\n"
               "the last token's hidden state of 'This sentence : \"[X]\" means in one word:\"'."),
-    "exit": ("early exit (GREEN-CODE): multi-exit training, a PPO exit policy, generation",
-             "Energy-aware early exit for code generation (GREEN-CODE, arXiv 2501.11006): a\n"
-             "token may leave the model after any allowed layer through its own final norm\n"
-             "and LM head."),
     "audit": ("audit unlearning: metric reliability (UQS), persuasion probes (SKeB)",
               "Did unlearning really forget, and can its numbers be trusted?"),
+    "exit": ("early exit (GREEN-CODE): train exits, a PPO exit policy, generate, benchmark",
+             "Energy-aware early exit (GREEN-CODE, arXiv 2501.11006): a token may leave the "
+             "model after any allowed layer, read through the model's own final norm and LM "
+             "head. `exit train` fine-tunes every exit at once; `exit policy` learns by PPO "
+             "when to exit; `exit generate` decodes with exits (policy, confidence, fixed "
+             "layer) and a KV cache, or exactly as the full model by self-speculative "
+             "decoding; `exit bench` sets quality against executed layers, time and energy."),
 }  # fmt: skip
 
 
@@ -380,6 +384,39 @@ register_command(Command(
     examples=("optlab exit policy runs/exit-train --timesteps 500000 --out runs/policy",
               "optlab exit policy default --exits 3,5,7,9,11,13,17,21,25 --episodes 64 "
               "--timesteps 20000 --out runs/policy-base"),
+))  # fmt: skip
+
+
+def _exit_train(job: Job, *, out: str | Path | None, force: bool, progress: bool) -> Result:
+    result = api.exit_train(_load(job), job.configs["train"], data=job.configs["data"],
+                            seed=job.seed, out=out, force=force, progress=progress)  # fmt: skip
+    # One loss per step is in metrics.json; hundreds of them do not belong on a terminal.
+    return Result({k: v for k, v in result.metrics.items() if k != "losses"}, result.run)
+
+
+register_command(Command(
+    name="exit train",
+    help="fine-tune every exit of a model at once (GREEN-CODE's multi-exit loss)",
+    description="Fine-tune MODEL so that each allowed exit predicts the next token through the\n"
+    "model's own final norm and LM head: L = sum_e w_e CE_e over the exits (the final layer\n"
+    "last), on packed windows of the train split of --data. --exits auto is the official\n"
+    "rule (every other layer from 3 in the first half, then every 4th); --weights geometric\n"
+    "gives the first-half exits 0.7, the later ones 0.2, the final layer 0.1 (0.9^k inside\n"
+    "a share), uniform 1/(|E|+1). Per exit, top-1 agreement with the final layer, CE and\n"
+    "accuracy on held-out windows are measured before and after (metrics.json). Writes a\n"
+    "run whose model/ reloads in plain transformers; its config.json holds the exits.\n"
+    "Data: code:stdlib (this Python's standard library), code:FOLDER (--extensions), a\n"
+    "CodeXGLUE folder (train/dev/test.txt) or .txt, or a .jsonl of {context, target};\n"
+    "split 80/10/10 by a hash of each file's relative path.\n"
+    "Runs on HF Accelerate: `accelerate launch -m optlab.cli exit train ...` uses many GPUs.",
+    inputs=(MODEL,),
+    sections=(Section("data", CodeDataConfig(), "data"),
+              Section("train", ExitTrainConfig(), "training")),
+    run=_exit_train,
+    examples=("optlab exit train default --data code:stdlib --exits auto --steps 300 "
+              "--context-length 256 --out runs/exits",
+              "optlab exit train default --exits 3,5,7 --weights uniform --lora --lr 1e-4 "
+              "--out runs/exits-lora"),
 ))  # fmt: skip
 
 

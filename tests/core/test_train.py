@@ -38,3 +38,19 @@ def test_train_mode_false_trains_without_dropout_and_restores_the_mode(train_mod
                         train_mode=train_mode)  # fmt: skip
     assert modes == [train_mode] * 6 and result["optimizer_steps"] == 3
     assert not model.training  # back in the mode it came in
+
+
+@pytest.mark.parametrize("schedule", ["linear", "constant"])
+def test_the_learning_rate_schedule(schedule) -> None:
+    from optlab.core.train import linear_schedule
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    scheduler = linear_schedule(optimizer, 10, 0.2, schedule)
+    rates = []
+    for _ in range(10):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[:3] == [0.0, 0.5, 1.0]  # two warmup steps either way
+    expected = [1.0] * 7 if schedule == "constant" else [(10 - s) / 8 for s in range(3, 10)]
+    assert rates[3:] == pytest.approx(expected)

@@ -128,7 +128,7 @@ def test_packed_windows_join_documents_with_eos(tokenizer) -> None:
 
 @pytest.mark.parametrize(
     ("spec", "message"),
-    [("code:EMPTY", "holds no code"), ("code:/no/such/dir", "no such folder or file"),
+    [("code:EMPTY", "holds no code"), ("code:/no/such/dir", "no such file or folder"),
      ("wiki", "give code:stdlib"), ("code:", "give code:stdlib")],
 )  # fmt: skip
 def test_bad_data_specs_are_one_clear_line(tmp_path, spec, message) -> None:

@@ -13,6 +13,7 @@ from .conftest import TEXT, error_line, run_cli, snapshot
 
 QA = '{"question": "What is A?", "answer": "B"}\n' * 2
 CSV = "run_id,dataset,seed,method,FA,RA,MIA,AD,JS,distance\n"
+PAIRS = "".join(f'{{"context": "def f{i}(x):", "target": " return x + {i}"}}\n' for i in range(12))
 RECIPE = "model: tiny:opt\nsteps:\n  - {name: e, command: eval, tasks: {tasks: [ppl:wiki]}}\n"
 
 
@@ -23,7 +24,7 @@ def inputs(tmp: Path) -> dict[str, Path]:
     files = {"text": ("text.txt", TEXT), "forget": ("forget.jsonl", QA),
              "retain": ("retain.jsonl", QA), "csv": ("runs.csv", CSV),
              "entities": ("entities.txt", "France\nParis\n"),
-             "recipe": ("r.yaml", RECIPE)}  # fmt: skip
+             "recipe": ("r.yaml", RECIPE), "pairs": ("pairs.jsonl", PAIRS)}  # fmt: skip
     paths = {}
     for key, (name, text) in files.items():
         paths[key] = folder / name
@@ -35,6 +36,7 @@ def command_args(tmp: Path, prune_run: Path) -> dict[str, list[object]]:
     """A small valid invocation of every command, without --out."""
     f = inputs(tmp)
     data = ["--forget", f["forget"], "--retain", f["retain"], "--steps", "1"]
+    pairs = ["--data", f"code:{f['pairs']}", "--eval-windows", "0", "--context-length", "8"]
     return {
         "info": ["info", "tiny:opt"],
         "eval": ["eval", "tiny:opt", "--tasks", f"ppl:{f['text']}", "--seq-len", "32"],
@@ -66,12 +68,13 @@ def command_args(tmp: Path, prune_run: Path) -> dict[str, list[object]]:
             "--batch-size",
             "4",
         ],
+        "exit train": ["exit", "train", "tiny:opt", *pairs, "--steps", "1"],
     }
 
 
 COMMANDS = ["info", "eval", "prune", "retrain", "quantize", "unlearn", "unlearn sweep",
             "audit skeb", "audit reliability", "audit graph", "run", "rerun", "demo",
-            "embed encode", "embed eval", "exit policy"]  # fmt: skip
+            "embed encode", "embed eval", "exit train", "exit policy"]  # fmt: skip
 WRITERS = [c for c in COMMANDS if c != "info"]  # info prints and writes nothing
 
 # A typed flag of each command and a value it cannot take. run and rerun have no typed
@@ -90,6 +93,7 @@ BAD_VALUES: dict[str, tuple[list[str], list[str]]] = {
     "demo": (["--limit", "0"], ["--limit", "0"]),
     "embed encode": (["--batch-size", "x"], ["--batch-size", "'x'"]),
     "embed eval": (["--limit", "x"], ["--limit", "'x'"]),
+    "exit train": (["--exits", "99"], ["exit layer 99", "outside the model"]),
     "exit policy": (["--timesteps", "many"], ["--timesteps", "'many'"]),
 }
 
@@ -153,7 +157,7 @@ def _spoil(path: Path, how: str) -> None:
 # (command, the input to spoil, what the error line names: a folder/missing/not UTF-8 word)
 FILE_INPUTS = [("eval", "text"), ("unlearn", "forget"), ("unlearn sweep", "retain"),
                ("audit reliability", "csv"), ("audit graph", "entities"),
-               ("run", "recipe"), ("embed encode", "text")]  # fmt: skip
+               ("run", "recipe"), ("embed encode", "text"), ("exit train", "pairs")]  # fmt: skip
 SPOILED = {"missing": "no such file", "folder": "is a folder", "latin1": "not UTF-8"}
 
 

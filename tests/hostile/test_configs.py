@@ -24,6 +24,10 @@ QUANTIZE = ["quantize", "tiny:opt", "--no-eval", "--n-calib", "3"]
         (["retrain", "PRUNE_RUN", "--lr", "nan"], ["lr", "nan", "finite"]),
         (["audit", "skeb", "tiny:opt", "--format", "Q: {prompt} {x}"], ["--format", "{x}"]),
         (["audit", "skeb", "tiny:opt", "--format", "{prompt}}"], ["--format", "{prompt}}"]),
+        (["exit", "train", "tiny:opt", "--lr", "nan"], ["lr", "nan", "finite"]),
+        (["exit", "train", "tiny:opt", "--steps", "0"], ["steps", "at least 1"]),
+        (["exit", "train", "tiny:opt", "--eval-windows", "-1"], ["eval_windows", "-1"]),
+        (["exit", "train", "tiny:opt", "--data", "stdlib"], ["--data 'stdlib'", "code:stdlib"]),
     ],
 )  # fmt: skip
 def test_bad_config_values_are_one_line(capsys, tmp_path, prune_run, args, needles) -> None:

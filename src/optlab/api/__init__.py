@@ -17,6 +17,7 @@ harness (:func:`optlab.core.run.execute`) whose ``config.yaml`` replays it
 from optlab.api._audits import audit_graph, audit_reliability, audit_skeb
 from optlab.api._base import rerun, resolve_model
 from optlab.api._compress import QUANT_CALIB, prune, quantize, retrain
+from optlab.api._early_exit import exit_train
 from optlab.api._embed import embed_encode, embed_eval
 from optlab.api._evaluation import describe_model, evaluate, info
 from optlab.api._exit_policy import exit_policy
@@ -30,7 +31,9 @@ from optlab.core.job import Result
 from optlab.core.layerwise import BlockContext, run_layerwise
 from optlab.core.models import LoadedModel, load_model
 from optlab.core.run import Run
+from optlab.early_exit.data import CodeDataConfig, CompletionConfig
 from optlab.early_exit.policy import PolicyConfig
+from optlab.early_exit.train import ExitTrainConfig
 from optlab.embed.prompteol import Embedder, PromptEOLConfig
 from optlab.embed.sts import STSEval
 from optlab.errors import OptlabError
@@ -65,9 +68,12 @@ __all__ = [
     "BlockContext",
     "CMPQConfig",
     "Calibration",
+    "CodeDataConfig",
+    "CompletionConfig",
     "Embedder",
     "EvalConfig",
     "Example",
+    "ExitTrainConfig",
     "GPTQConfig",
     "GraphConfig",
     "LoadedModel",
@@ -106,6 +112,7 @@ __all__ = [
     "embed_eval",
     "evaluate",
     "exit_policy",
+    "exit_train",
     "get_task",
     "info",
     "load_model",

@@ -39,13 +39,15 @@ MicroLoss = Callable[[nn.Module, int, int], torch.Tensor]
 @dataclass(frozen=True)
 class TrainConfig:
     """``steps`` optimizer steps, honoured exactly, each of ``grad_accum`` micro-batches;
-    the learning rate warms up linearly over ``warmup * steps`` then decays linearly to 0."""
+    the learning rate warms up linearly over ``warmup * steps``, then decays linearly to 0
+    (``schedule="linear"``) or stays put (``"constant"``, GREEN-CODE's fine-tuning)."""
 
     steps: int
     lr: float
     grad_accum: int = 1
     warmup: float = 0.0
     weight_decay: float = 0.0
+    schedule: str = "linear"
     desc: str = "train"  # progress bar label and error-message prefix
 
 
@@ -135,10 +137,17 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     return torch.autocast(device.type, dtype=dtype)
 
 
-def linear_schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: float) -> Any:
-    """Linear warmup over ``warmup * steps`` then linear decay to zero (HF's schedule)."""
-    from transformers import get_linear_schedule_with_warmup
+def linear_schedule(
+    optimizer: torch.optim.Optimizer, steps: int, warmup: float, schedule: str = "linear"
+) -> Any:
+    """Linear warmup over ``warmup * steps``, then linear decay to zero (HF's schedule) or,
+    with ``schedule="constant"``, the base rate to the end."""
+    from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
+    if schedule == "constant":
+        return get_constant_schedule_with_warmup(optimizer, round(warmup * steps))
+    if schedule != "linear":
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}")
     return get_linear_schedule_with_warmup(optimizer, round(warmup * steps), steps)
 
 
@@ -177,7 +186,7 @@ def train_loop(
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     # Stepped by hand once per optimizer step: a prepared scheduler would step num_processes
     # times per step, as it assumes a sharded dataloader we do not use.
-    scheduler = linear_schedule(optimizer, config.steps, config.warmup)
+    scheduler = linear_schedule(optimizer, config.steps, config.warmup, config.schedule)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     losses: list[float] = []
     stopped_early = False

@@ -93,7 +93,8 @@ class CompletionConfig:
     samples: int | None = option(
         1000, "samples drawn (seeded, in data order); 0 or none for all", metavar="N"
     )
-    seed: int = option(0, "seed of the sample draw and of U(LOW, HIGH) context fractions")
+    seed: int = option(0, "seed of the sample draw and of U(LOW, HIGH) context fractions (the "
+                       "command's --seed)", cli=False)  # fmt: skip
 
     def __post_init__(self) -> None:
         require_positive(self, "new_tokens", "max_context")
@@ -157,19 +158,20 @@ def code_items(
         items = list(_stdlib_items())
     else:
         path = Path(target).expanduser()
-        if path.is_dir() and all((path / f).is_file() for f in CODEXGLUE_SPLITS.values()):
-            return _codexglue_split(path, split)
-        if path.is_dir():
-            items = _folder_items(path, tuple(extensions))
-        elif path.suffix == ".jsonl":
+        # A .jsonl / .txt name is a file, whatever is there: read_text_file says what is wrong.
+        if path.suffix == ".jsonl":
             items = _pair_items(path)
         elif path.suffix == ".txt":
             items = _codexglue_items(path)
+        elif path.is_dir() and all((path / f).is_file() for f in CODEXGLUE_SPLITS.values()):
+            return _codexglue_split(path, split)
+        elif path.is_dir():
+            items = _folder_items(path, tuple(extensions))
         elif path.exists():
             raise OptlabError(f"--data {spec!r}: use a folder, a .txt (CodeXGLUE lines) or a "
                               ".jsonl file")  # fmt: skip
         else:
-            raise OptlabError(f"--data {spec!r}: no such folder or file (or give code:stdlib)")
+            raise OptlabError(f"--data {spec!r}: no such file or folder (or give code:stdlib)")
     if not items:
         raise OptlabError(f"--data {spec!r} holds no code"
                           + (f" (no files ending in {','.join(extensions)})"

@@ -14,11 +14,14 @@ is already normed, so the final exit takes the model's own logits instead.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Protocol
 
 import torch
+from torch import nn
 
 from optlab.core.anatomy import Anatomy
+from optlab.core.models import LoadedModel
 from optlab.errors import OptlabError
 
 WEIGHTS = ("geometric", "uniform")
@@ -102,3 +105,45 @@ class ExitRule(Protocol):
     """
 
     def should_exit(self, layer: int, hidden: torch.Tensor) -> bool: ...
+
+
+CONFIG_KEY = "early_exit"  # the HF config entry `exit train` writes (config.json keeps it)
+
+
+def record_exits(model: nn.Module, exits: Sequence[int], weights: Sequence[float],
+                 scheme: str) -> None:  # fmt: skip
+    """Store the exit set a model was trained for in its HF config, so ``save_pretrained``
+    writes it into ``config.json`` and every later load (optlab's or plain transformers')
+    carries it."""
+    setattr(model.config, CONFIG_KEY, {"exits": [int(e) for e in exits],
+                                       "weights": [float(w) for w in weights],
+                                       "scheme": scheme})  # fmt: skip
+
+
+def exits_of(source: LoadedModel | nn.Module | str | Path) -> tuple[int, ...]:
+    """The exits of a model, a model folder or a run directory: the set ``exit train`` stored
+    in its config, else the ``auto`` rule for its depth.
+
+    >>> exits_of(load_model("default"))       # an untrained model: the official rule
+    (3, 5, 7, 9, 11, 13, 17, 21, 25, 30)
+    >>> exits_of("runs/exit-3-5")             # an `exit train --exits 3,5` run
+    (3, 5, 30)
+    """
+    if isinstance(source, LoadedModel):
+        source = source.model
+    if isinstance(source, nn.Module):
+        config = source.config
+    else:
+        folder = Path(source)
+        if not (folder / "config.json").is_file() and (folder / "model" / "config.json").is_file():
+            folder = folder / "model"
+        if not (folder / "config.json").is_file():
+            raise OptlabError(f"{str(source)!r} holds no model (no config.json, nor model/)")
+        from transformers import AutoConfig  # only paths need it
+
+        config = AutoConfig.from_pretrained(folder)
+    num_layers = int(config.num_hidden_layers)
+    record = getattr(config, CONFIG_KEY, None)
+    if isinstance(record, dict) and isinstance(record.get("exits"), list):
+        return resolve_exits(record["exits"], num_layers)
+    return resolve_exits("auto", num_layers)
