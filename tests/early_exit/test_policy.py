@@ -179,6 +179,9 @@ def test_save_and_reload_give_identical_decisions(lm, features, saved) -> None:
                 decision = after.should_exit(layer, torch.from_numpy(state))
                 assert decision == bool(prob > max(tau, 0.5))
         assert not after.should_exit(4, states[0])  # never asked at the final layer
+    # A bfloat16 model's states are read in float32, as rounded to bfloat16.
+    half = after.exit_probability(states.bfloat16())
+    assert torch.equal(half, after.exit_probability(states.bfloat16().float()))
     summary = decision_summary(after, features, (0.5, 0.9))
     assert set(summary) == {"0.5", "0.9", "oracle"}
     assert all(1 <= row["mean_exit_layer"] <= 4 for row in summary.values())

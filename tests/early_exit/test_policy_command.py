@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from optlab.api import exit_policy
 from optlab.cli import main
-from optlab.core.models import load_model
+from optlab.core.models import load_model, save_model
+from optlab.early_exit.exits import record_exits
 from optlab.early_exit.policy import POLICY_JSON, POLICY_WEIGHTS, PolicyConfig, load_policy
 
 SMALL = ["--episodes", "2", "--timesteps", "32", "--n-steps", "16", "--batch-size", "8"]
@@ -40,16 +40,12 @@ def test_the_run_holds_a_policy_that_reloads_and_replays(policy_run, tmp_path) -
 
 
 def test_an_exit_train_run_brings_its_exits(tmp_path) -> None:
-    """Exits come from the run's config.yaml (whatever section holds them)."""
-    from optlab.core.models import save_model
-
-    run = tmp_path / "trained"
-    save_model(load_model("tiny:llama"), run / "model")
-    (run / "env.json").write_text("{}")
-    config = {"command": "exit train", "model": "tiny:llama", "train": {"exits": "1"}}
-    (run / "config.yaml").write_text(yaml.safe_dump(config))
-    result = exit_policy(str(run), PolicyConfig(episodes=1, timesteps=16, n_steps=16,
-                                                batch_size=8), progress=False)  # fmt: skip
+    """The exits `exit train` records in the model's config.json are the policy's."""
+    lm = load_model("tiny:llama")
+    record_exits(lm.model, (1, 2), (0.5, 0.5), "uniform")
+    save_model(lm, tmp_path / "trained" / "model")
+    small = PolicyConfig(episodes=1, timesteps=16, n_steps=16, batch_size=8)  # no --exits
+    result = exit_policy(str(tmp_path / "trained"), small, progress=False)
     assert result["exits"] == [1, 2]
 
 

@@ -11,9 +11,9 @@ from optlab.api._base import execute_job, job_of, resolve_model
 from optlab.core.anatomy import Anatomy
 from optlab.core.job import Result
 from optlab.core.models import LoadedModel
-from optlab.core.run import Run, is_run_directory, read_run_config
+from optlab.core.run import Run
 from optlab.early_exit.data import CodeDataConfig, code_items, completion_samples
-from optlab.early_exit.exits import resolve_exits
+from optlab.early_exit.exits import CONFIG_KEY, exits_of, resolve_exits
 from optlab.early_exit.features import collect_features
 from optlab.early_exit.policy import (
     POLICY_JSON,
@@ -32,20 +32,6 @@ from optlab.errors import OptlabError
 log = logging.getLogger("optlab")
 
 TAUS = (0.6, 0.8, 0.9, 0.92, 0.94)  # the paper's sweep, for the summary of decisions
-
-
-def run_exits(spec: str) -> str | None:
-    """The exit set an ``exit train`` run's config.yaml records (None for anything else)."""
-    if not is_run_directory(spec):
-        return None
-    config = read_run_config(spec)
-    if config.get("command") != "exit train":
-        return None
-    for section in config.values():
-        if isinstance(section, dict) and section.get("exits") is not None:
-            exits = section["exits"]
-            return ",".join(map(str, exits)) if isinstance(exits, list) else str(exits)
-    return None
 
 
 def exit_policy(
@@ -75,11 +61,12 @@ def exit_policy(
     data = data or CodeDataConfig()
     lm = resolve_model(model)
     num_layers = len(Anatomy.of(lm.model).blocks)
-    recorded = run_exits(lm.spec)
-    if recorded is not None and config.exits is not None and config.exits != recorded:
-        log.warning("--exits %s differs from the exit-train run's own (%s): the policy will "
-                    "fit this exit set only", config.exits, recorded)  # fmt: skip
-    exits = resolve_exits(config.exits or recorded or "auto", num_layers)
+    own = exits_of(lm)  # the set `exit train` recorded in the model's config, else auto
+    exits = own if config.exits is None else resolve_exits(config.exits, num_layers)
+    if exits != own and getattr(lm.model.config, CONFIG_KEY, None) is not None:
+        log.warning("--exits %s differs from the exits this model was trained for (%s): the "
+                    "policy fits this exit set only", config.exits,
+                    ",".join(map(str, own)))  # fmt: skip
     if len(exits) < 2:
         raise OptlabError(f"--exits {config.exits or 'auto'} leaves no exit below the final "
                           f"layer {num_layers}: the policy would have nothing to "

@@ -251,11 +251,16 @@ class PolicyRule:
         if not 0.0 < tau < 1.0:
             raise OptlabError(f"--tau {tau!r} must lie strictly between 0 and 1")
         self.net, self.exits, self.tau = net, tuple(exits), tau
+        self._device = torch.device("cpu")
 
     @torch.inference_mode()
     def exit_probability(self, hidden: torch.Tensor) -> torch.Tensor:
-        """P(exit) of states [..., hidden_size] (any dtype or device)."""
-        return self.net(hidden.detach().to("cpu", torch.float32))[..., EXIT]
+        """P(exit) of states [..., hidden_size] (any dtype), computed in float32 on their
+        device (the net follows the states there, as the official agent runs on the GPU)."""
+        if hidden.device != self._device:
+            self.net.to(hidden.device)
+            self._device = hidden.device
+        return self.net(hidden.detach().float())[..., EXIT]
 
     def should_exit(self, layer: int, hidden: torch.Tensor) -> bool:
         if layer not in self.exits[:-1]:
