@@ -26,6 +26,7 @@ from __future__ import annotations
 import csv
 import functools
 import io
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -43,6 +44,7 @@ from optlab.embed.prompteol import PRESETS, Embedder, PromptEOLConfig, one_word_
 from optlab.embed.sts import STSEval, sts_spearman
 from optlab.errors import OptlabError
 
+log = logging.getLogger("optlab")
 PER_KIND = 60  # built-in glosses of each kind (demonym, capital): ~2 minutes of dev scoring each
 
 
@@ -153,4 +155,7 @@ def demo_scores(
         seconds = time.perf_counter() - start
         scores.append(entry | {"spearman": float(np.mean(list(per_set.values()))),
                                "sets": per_set, "seconds": seconds})  # fmt: skip
+        log.info("demo %d/%d %s: dev Spearman %.2f (%.0f s)", len(scores), len(candidates),
+                 "(plain template)" if candidate is None else f"{candidate[0]!r} -> {candidate[1]}",
+                 scores[-1]["spearman"], seconds)  # fmt: skip
     return scores
