@@ -13,6 +13,7 @@ from .conftest import TEXT, error_line, run_cli, snapshot
 
 QA = '{"question": "What is A?", "answer": "B"}\n' * 2
 CSV = "run_id,dataset,seed,method,FA,RA,MIA,AD,JS,distance\n"
+TRIPLETS = "sent0,sent1,hard_neg\n" + "A dog runs.,A dog is running.,A cat sleeps.\n" * 4
 RECIPE = "model: tiny:opt\nsteps:\n  - {name: e, command: eval, tasks: {tasks: [ppl:wiki]}}\n"
 
 
@@ -23,6 +24,7 @@ def inputs(tmp: Path) -> dict[str, Path]:
     files = {"text": ("text.txt", TEXT), "forget": ("forget.jsonl", QA),
              "retain": ("retain.jsonl", QA), "csv": ("runs.csv", CSV),
              "entities": ("entities.txt", "France\nParis\n"),
+             "triplets": ("triplets.csv", TRIPLETS),
              "recipe": ("r.yaml", RECIPE)}  # fmt: skip
     paths = {}
     for key, (name, text) in files.items():
@@ -51,12 +53,13 @@ def command_args(tmp: Path, prune_run: Path) -> dict[str, list[object]]:
         "demo": ["demo"],
         "embed encode": ["embed", "encode", "tiny:opt", f["text"]],
         "embed eval": ["embed", "eval", "tiny:opt", "--sts", "wordsim353", "--limit", "4"],
+        "embed train": ["embed", "train", "tiny:opt", "--pairs", f["triplets"], "--steps", "1"],
     }
 
 
 COMMANDS = ["info", "eval", "prune", "retrain", "quantize", "unlearn", "unlearn sweep",
             "audit skeb", "audit reliability", "audit graph", "run", "rerun", "demo",
-            "embed encode", "embed eval"]  # fmt: skip
+            "embed encode", "embed eval", "embed train"]  # fmt: skip
 WRITERS = [c for c in COMMANDS if c != "info"]  # info prints and writes nothing
 
 # A typed flag of each command and a value it cannot take. run and rerun have no typed
@@ -75,6 +78,7 @@ BAD_VALUES: dict[str, tuple[list[str], list[str]]] = {
     "demo": (["--limit", "0"], ["--limit", "0"]),
     "embed encode": (["--batch-size", "x"], ["--batch-size", "'x'"]),
     "embed eval": (["--limit", "x"], ["--limit", "'x'"]),
+    "embed train": (["--temperature", "cold"], ["--temperature", "'cold'"]),
 }
 
 
@@ -137,7 +141,8 @@ def _spoil(path: Path, how: str) -> None:
 # (command, the input to spoil, what the error line names: a folder/missing/not UTF-8 word)
 FILE_INPUTS = [("eval", "text"), ("unlearn", "forget"), ("unlearn sweep", "retain"),
                ("audit reliability", "csv"), ("audit graph", "entities"),
-               ("run", "recipe"), ("embed encode", "text")]  # fmt: skip
+               ("run", "recipe"), ("embed encode", "text"),
+               ("embed train", "triplets")]  # fmt: skip
 SPOILED = {"missing": "no such file", "folder": "is a folder", "latin1": "not UTF-8"}
 
 

@@ -17,7 +17,7 @@ harness (:func:`optlab.core.run.execute`) whose ``config.yaml`` replays it
 from optlab.api._audits import audit_graph, audit_reliability, audit_skeb
 from optlab.api._base import rerun, resolve_model
 from optlab.api._compress import QUANT_CALIB, prune, quantize, retrain
-from optlab.api._embed import embed_encode, embed_eval
+from optlab.api._embed import embed_encode, embed_eval, embed_train
 from optlab.api._evaluation import describe_model, evaluate, info
 from optlab.api._unlearning import unlearn, unlearn_sweep
 from optlab.audit.graph import GraphConfig
@@ -29,8 +29,10 @@ from optlab.core.job import Result
 from optlab.core.layerwise import BlockContext, run_layerwise
 from optlab.core.models import LoadedModel, load_model
 from optlab.core.run import Run
+from optlab.embed.contrastive import ContrastiveConfig
 from optlab.embed.prompteol import Embedder, PromptEOLConfig
 from optlab.embed.sts import STSEval
+from optlab.embed.triplets import TripletData
 from optlab.errors import OptlabError
 from optlab.eval.perplexity import PerplexityEval, perplexity
 from optlab.eval.scorer import Scorer
@@ -63,6 +65,7 @@ __all__ = [
     "BlockContext",
     "CMPQConfig",
     "Calibration",
+    "ContrastiveConfig",
     "Embedder",
     "EvalConfig",
     "Example",
@@ -90,6 +93,7 @@ __all__ = [
     "TaskEval",
     "TeachConfig",
     "TiersConfig",
+    "TripletData",
     "UniformConfig",
     "UnlearnConfig",
     "UnlearnData",
@@ -101,6 +105,7 @@ __all__ = [
     "describe_model",
     "embed_encode",
     "embed_eval",
+    "embed_train",
     "evaluate",
     "get_task",
     "info",

@@ -11,6 +11,7 @@ import csv
 import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.stats import spearmanr
@@ -19,6 +20,9 @@ from optlab.core import data
 from optlab.core.config import configurable, option
 from optlab.core.files import read_text_file
 from optlab.errors import OptlabError, did_you_mean
+
+if TYPE_CHECKING:
+    from optlab.embed.prompteol import Embedder
 
 SHIPPED = ("lee", "wordsim353", "simlex999")
 # Column names of the layouts users have: STS-B (sentence1, sentence2, score) and SICK.
@@ -61,6 +65,20 @@ def spearman_x100(predicted: np.ndarray, gold: np.ndarray) -> float:
     if len(predicted) < 2:
         raise OptlabError("an STS set needs at least two pairs")
     return float(100 * spearmanr(predicted, gold).statistic)
+
+
+def sts_spearman(
+    embedder: Embedder, pairs: list[tuple[str, str, float]], progress: bool | None = None
+) -> float:
+    """Spearman x 100 of the embeddings' cosine similarities with the pairs' human scores
+    (each distinct text embedded once)."""
+    texts = list(dict.fromkeys(t for a, b, _ in pairs for t in (a, b)))
+    vectors = np.asarray(embedder.encode(texts, show_progress_bar=progress), dtype=np.float64)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True).clip(min=1e-12)
+    row = {text: i for i, text in enumerate(texts)}
+    cosine = np.einsum("ij,ij->i", vectors[[row[a] for a, _, _ in pairs]],
+                       vectors[[row[b] for _, b, _ in pairs]])  # fmt: skip
+    return spearman_x100(cosine, np.asarray([gold for *_, gold in pairs]))
 
 
 @configurable("sts")
