@@ -64,7 +64,11 @@ def sentence_transformer_of(folder: Path, dtype: str, device: str) -> object:
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
 
-    body = Transformer(str(folder), model_kwargs={"dtype": getattr(torch, dtype)})
+    # Plain text only: for an instruct model sentence-transformers would otherwise wrap every
+    # input in the chat template (a system prompt and a user turn: 39 tokens, not our 13).
+    text = {"text": {"method": "forward", "method_output_name": "last_hidden_state"}}
+    body = Transformer(str(folder), model_kwargs={"dtype": getattr(torch, dtype)},
+                       modality_config=text, module_output_name="token_embeddings")  # fmt: skip
     if body.tokenizer.pad_token is None:
         body.tokenizer.pad_token = body.tokenizer.eos_token
     pooling = Pooling(body.get_embedding_dimension(), pooling_mode="lasttoken")
