@@ -14,6 +14,7 @@ from .conftest import TEXT, error_line, run_cli, snapshot
 QA = '{"question": "What is A?", "answer": "B"}\n' * 2
 CSV = "run_id,dataset,seed,method,FA,RA,MIA,AD,JS,distance\n"
 PAIRS = "".join(f'{{"context": "def f{i}(x):", "target": " return x + {i}"}}\n' for i in range(12))
+TRIPLETS = "sent0,sent1,hard_neg\n" + "A dog runs.,A dog is running.,A cat sleeps.\n" * 4
 RECIPE = "model: tiny:opt\nsteps:\n  - {name: e, command: eval, tasks: {tasks: [ppl:wiki]}}\n"
 
 
@@ -25,6 +26,7 @@ def inputs(tmp: Path) -> dict[str, Path]:
              "retain": ("retain.jsonl", QA), "csv": ("runs.csv", CSV),
              "entities": ("entities.txt", "France\nParis\n"),
              "recipe": ("r.yaml", RECIPE), "pairs": ("pairs.jsonl", PAIRS),
+             "triplets": ("triplets.csv", TRIPLETS),
              "candidates": ("demos.txt", "A man is smoking.=>Smoking\nmeat.=>Venison\n"),
              "classify": ("labels.csv", "text,label\nA fine film.,1\nA dull.,0\n"),
              "quiz": ("quiz.jsonl", '{"context": "2+2=", "choices": [" 4", " 5"], "gold": 0}\n'
@@ -64,6 +66,7 @@ def command_args(tmp: Path, prune_run: Path, uprise: Path) -> dict[str, list[obj
                        "--classify", f["classify"], "--folds", "2", "--no-minilm"],
         "embed select-demo": ["embed", "select-demo", "tiny:opt", "--candidates",
                               f["candidates"], "--dev", "wordsim353:dev", "--limit", "1"],
+        "embed train": ["embed", "train", "tiny:opt", "--pairs", f["triplets"], "--steps", "1"],
         "exit train": ["exit", "train", "tiny:opt", *pairs, "--steps", "1"],
         "exit generate": ["exit", "generate", "tiny:opt", "--in", f["text"],
                           "--max-new-tokens", "2"],
@@ -90,7 +93,8 @@ def _uprise(request: pytest.FixtureRequest, command: str) -> Path:
 
 COMMANDS = ["info", "eval", "prune", "retrain", "quantize", "unlearn", "unlearn sweep",
             "audit skeb", "audit reliability", "audit graph", "run", "rerun", "demo",
-            "embed encode", "embed eval", "embed select-demo", "exit train", "exit generate",
+            "embed encode", "embed eval", "embed select-demo", "embed train",
+            "exit train", "exit generate",
             "exit policy", "retrieve score", "retrieve train", "retrieve index",
             "retrieve eval", "retrieve run"]  # fmt: skip
 WRITERS = [c for c in COMMANDS if c != "info"]  # info prints and writes nothing
@@ -112,6 +116,7 @@ BAD_VALUES: dict[str, tuple[list[str], list[str]]] = {
     "embed encode": (["--batch-size", "x"], ["--batch-size", "'x'"]),
     "embed eval": (["--limit", "x"], ["--limit", "'x'"]),
     "embed select-demo": (["--limit", "0"], ["limit", "0"]),
+    "embed train": (["--temperature", "cold"], ["--temperature", "'cold'"]),
     "exit train": (["--exits", "99"], ["exit layer 99", "outside the model"]),
     "exit generate": (["--tau", "x"], ["--tau", "'x'"]),
     "exit policy": (["--timesteps", "many"], ["--timesteps", "'many'"]),
@@ -187,7 +192,8 @@ def _spoil(path: Path, how: str) -> None:
 FILE_INPUTS = [("eval", "text"), ("unlearn", "forget"), ("unlearn sweep", "retain"),
                ("audit reliability", "csv"), ("audit graph", "entities"),
                ("run", "recipe"), ("embed encode", "text"), ("embed eval", "classify"),
-               ("embed select-demo", "candidates"), ("exit train", "pairs"),
+               ("embed select-demo", "candidates"),
+               ("embed train", "triplets"), ("exit train", "pairs"),
                ("exit generate", "text"), ("retrieve score", "quiz"),
                ("retrieve run", "quiz")]  # fmt: skip
 SPOILED = {"missing": "no such file", "folder": "is a folder", "latin1": "not UTF-8"}

@@ -18,7 +18,7 @@ from optlab.api._audits import audit_graph, audit_reliability, audit_skeb
 from optlab.api._base import rerun, resolve_model
 from optlab.api._compress import QUANT_CALIB, prune, quantize, retrain
 from optlab.api._early_exit import exit_generate, exit_train
-from optlab.api._embed import embed_encode, embed_eval, embed_select_demo
+from optlab.api._embed import embed_encode, embed_eval, embed_select_demo, embed_train
 from optlab.api._evaluation import describe_model, evaluate, info
 from optlab.api._exit_policy import exit_policy
 from optlab.api._retrieve import (
@@ -43,10 +43,12 @@ from optlab.early_exit.generate import GenerateConfig, PromptsConfig
 from optlab.early_exit.policy import PolicyConfig
 from optlab.early_exit.train import ExitTrainConfig
 from optlab.embed.baseline import BaselineConfig
+from optlab.embed.contrastive import ContrastiveConfig
 from optlab.embed.demos import SelectDemoConfig
 from optlab.embed.prompteol import Embedder, PromptEOLConfig
 from optlab.embed.sts import STSEval
 from optlab.embed.transfer import TransferEval
+from optlab.embed.triplets import TripletData
 from optlab.errors import OptlabError
 from optlab.eval.perplexity import PerplexityEval, perplexity
 from optlab.eval.scorer import Scorer
@@ -86,6 +88,7 @@ __all__ = [
     "Calibration",
     "CodeDataConfig",
     "CompletionConfig",
+    "ContrastiveConfig",
     "Embedder",
     "EvalConfig",
     "Example",
@@ -123,6 +126,7 @@ __all__ = [
     "TeachConfig",
     "TiersConfig",
     "TransferEval",
+    "TripletData",
     "UniformConfig",
     "UnlearnConfig",
     "UnlearnData",
@@ -135,6 +139,7 @@ __all__ = [
     "embed_encode",
     "embed_eval",
     "embed_select_demo",
+    "embed_train",
     "evaluate",
     "exit_generate",
     "exit_policy",

@@ -1,5 +1,5 @@
-"""Sentence embeddings: ``embed_encode``, ``embed_eval`` and ``embed_select_demo``
-(PromptEOL)."""
+"""Sentence embeddings: ``embed_encode``, ``embed_eval``, ``embed_select_demo`` and
+``embed_train`` (PromptEOL)."""
 
 from __future__ import annotations
 
@@ -16,13 +16,15 @@ from optlab.api._base import execute_job, job_of, resolve_model
 from optlab.core.data import read_jsonl
 from optlab.core.files import read_text_file
 from optlab.core.job import Result
-from optlab.core.models import LoadedModel
+from optlab.core.models import LoadedModel, save_model
 from optlab.core.run import Run, atomic_write
 from optlab.embed.baseline import BaselineConfig, minilm_encoder
+from optlab.embed.contrastive import ContrastiveConfig, train_contrastive
 from optlab.embed.demos import SelectDemoConfig, demo_scores, read_candidates
 from optlab.embed.prompteol import DEMO_FILE, TEMPLATE, Embedder, PromptEOLConfig
 from optlab.embed.sts import STSEval, sts_pairs, sts_spearman
 from optlab.embed.transfer import TransferEval, check_folds, classification_set, cross_val_accuracy
+from optlab.embed.triplets import TripletData
 from optlab.errors import OptlabError
 
 log = logging.getLogger("optlab")
@@ -211,5 +213,45 @@ def embed_select_demo(
             demo["file"] = str(run.save_json(DEMO_FILE, demo))
         return {"model": lm.spec, "demo": demo, "plain": plain, "dev": list(select.dev),
                 "candidates": scored}  # fmt: skip
+
+    return execute_job(job, body, out, force)
+
+
+def embed_train(
+    model: LoadedModel | str | Path,
+    config: ContrastiveConfig | None = None,
+    data: TripletData | None = None,
+    *,
+    seed: int = 42,
+    out: str | Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> Result:
+    """Contrastive fine-tuning (InfoNCE with hard negatives, LoRA on every block linear,
+    merged) of ``model`` in place on ``data``'s triplets, keeping the step with the best dev
+    Spearman. With ``out``, the run holds ``model/``: safetensors that plain transformers
+    loads, with ``prompt.json`` (the template and demonstration), which ``Embedder``,
+    ``embed_encode`` and ``embed_eval`` reload.
+
+    >>> result = embed_train("tiny:llama", ContrastiveConfig(steps=2, batch_size=4, rank=4,
+    ...                      eval_every=1), TripletData(limit=8, dev_size=4), out="runs/emb",
+    ...                      progress=False)
+    >>> result["optimizer_steps"], result["best_step"] in (1, 2), result.run.name
+    (2, True, 'emb')
+    >>> Embedder(load_model("runs/emb")).encode("A dog runs.").shape
+    (64,)
+    """
+    config = replace(config or ContrastiveConfig(), seed=seed)  # the call's seed is the config's
+    data = data or TripletData()
+    lm = resolve_model(model)
+    triplets, dev = data.split()  # a bad pairs file fails before the run folder exists
+    job = job_of("embed train", lm, seed, data=data, train=config)
+
+    def body(run: Run | None) -> dict[str, Any]:
+        metrics = train_contrastive(lm, triplets, dev, config, progress=progress)
+        if run is not None:
+            save_model(lm, run.dir / "model")
+            PromptEOLConfig().save(run.dir / "model")  # trained without a demonstration
+        return {"model": lm.spec, **metrics}
 
     return execute_job(job, body, out, force)

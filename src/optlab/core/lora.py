@@ -20,12 +20,13 @@ everything here works on that view.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from optlab.core.anatomy import weight_matrix
+from optlab.core.anatomy import Anatomy, weight_matrix
 from optlab.core.modules import replace_module
 from optlab.errors import OptlabError
 
@@ -121,3 +122,25 @@ def merge_adapters(model: nn.Module) -> int:
     for name, adapter in adapters.items():
         replace_module(model, name, adapter.merge())
     return len(adapters)
+
+
+def wrap_block_linears(
+    model: nn.Module, make: Callable[[nn.Module], LoraLinear]
+) -> dict[str, LoraLinear]:
+    """Wrap every linear of every decoder block (attention and MLP; not the embeddings or
+    the LM head) in ``make(linear)``; return the adapters by dotted name.
+
+    >>> adapters = wrap_block_linears(lm.model, lambda linear: LoraLinear(linear, rank=8))
+    >>> list(adapters)[0]
+    'model.layers.0.self_attn.q_proj'
+    """
+    if adapters_of(model):
+        raise OptlabError("the model already has LoRA adapters; merge_adapters() them first")
+    anatomy = Anatomy.of(model)
+    wrapped: dict[str, LoraLinear] = {}
+    for index, block in enumerate(anatomy.blocks):
+        for name, linear in anatomy.linears(block).items():
+            adapter = make(linear)
+            replace_module(block, name, adapter)
+            wrapped[f"{anatomy.blocks_path}.{index}.{name}"] = adapter
+    return wrapped

@@ -24,10 +24,13 @@ import torch
 from tqdm.auto import tqdm
 
 from optlab.core.config import configurable, option, require, require_positive
+from optlab.core.files import read_text_file
 from optlab.core.models import LoadedModel
+from optlab.core.run import atomic_write
 from optlab.errors import OptlabError
 
 TEMPLATE = 'This sentence : "{}" means in one word:"'  # the paper's, to the character
+PROMPT_FILE = "prompt.json"  # beside a saved model: the template and demo it embeds with
 # The demonstrations the paper chose per OPT size (spec section 2), by preset name.
 PRESETS: dict[str, tuple[str, str]] = {
     "opt-125m": ("A man is smoking.", "Smoking"),
@@ -120,12 +123,56 @@ class PromptEOLConfig:
                 "folder")  # fmt: skip
         return one_word_demo(sentence, word, f"--demo {self.demo!r}")
 
+    def save(self, folder: str | Path) -> Path:
+        """Write the template and demonstration to ``folder/prompt.json`` (atomically)."""
+        demo = self.demonstration()
+        pair = None if demo is None else {"sentence": demo[0], "word": demo[1]}
+        record = {"template": TEMPLATE, "demo": pair, "preprocess": self.preprocess}
+        path = Path(folder) / PROMPT_FILE
+        atomic_write(path, json.dumps(record, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def saved(cls, spec: str | Path) -> PromptEOLConfig | None:
+        """The prompt a model folder or run was saved with (its ``prompt.json``), if any."""
+        folder = Path(spec)
+        if (folder / "model" / PROMPT_FILE).is_file():
+            folder = folder / "model"
+        path = folder / PROMPT_FILE
+        if not path.is_file():
+            return None
+        try:
+            record = json.loads(read_text_file(path, "prompt file"))
+            template, demo = record["template"], record["demo"]
+            config = cls(demo=None if demo is None else f"{demo['sentence']}=>{demo['word']}",
+                         preprocess=bool(record.get("preprocess", True)))  # fmt: skip
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise OptlabError(f"{path} is damaged ({type(err).__name__}: {err})") from None
+        require(template == TEMPLATE, f"{path}: template {template!r} is not PromptEOL's "
+                f"{TEMPLATE!r}, the only one optlab embeds with")  # fmt: skip
+        return config
+
     def prompt(self, sentence: str) -> str:
         """The full prompt of one sentence (demonstration first, with no separator)."""
         text = preprocess(sentence) if self.preprocess else sentence
         demo = self.demonstration()
         prefix = "" if demo is None else TEMPLATE.format(demo[0]) + f'{demo[1]}".'
         return prefix + TEMPLATE.format(text)
+
+
+def left_padded(ids: list[list[int]], pad: int | None, device: torch.device) -> dict[str, Any]:
+    """A left-padded batch (``input_ids``, ``attention_mask``, ``position_ids``): the last
+    position is every row's last token, and positions count from each row's first real token
+    so that padding changes nothing."""
+    width = max(len(row) for row in ids)
+    tokens = torch.full((len(ids), width), 0 if pad is None else pad, dtype=torch.long)
+    mask = torch.zeros_like(tokens)
+    for index, row in enumerate(ids):
+        tokens[index, width - len(row) :] = torch.tensor(row)
+        mask[index, width - len(row) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": tokens.to(device), "attention_mask": mask.to(device),
+            "position_ids": positions.to(device)}  # fmt: skip
 
 
 class Embedder:
@@ -139,7 +186,8 @@ class Embedder:
 
     def __init__(self, lm: LoadedModel, config: PromptEOLConfig | None = None) -> None:
         self.lm = lm
-        self.config = config or PromptEOLConfig()
+        # A saved embedder (a trained run) brings its own prompt when none is given.
+        self.config = config or PromptEOLConfig.saved(lm.spec) or PromptEOLConfig()
         self.base = lm.model.base_model  # the decoder stack without the LM head
         config = self.base.config  # OPT-350m projects its 1024-wide states out to 512
         self.dimension = int(getattr(config, "word_embed_proj_dim", None) or config.hidden_size)
@@ -178,23 +226,14 @@ class Embedder:
     @torch.inference_mode()
     def _embed(self, prompts: list[str], batch_size: int, progress: bool | None) -> torch.Tensor:
         tokenizer, device = self.lm.tokenizer, self.lm.device
-        ids = [tokenizer(p)["input_ids"] for p in prompts]  # default special tokens (OPT: </s>)
+        ids = tokenizer(prompts)["input_ids"]  # default special tokens (OPT: </s>); batched
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # little padding per batch
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         out = torch.empty(len(ids), self.dimension, dtype=torch.float32)
         batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
         for batch in tqdm(batches, desc="embed", leave=False,
                           disable=(not progress) if progress is not None else None):  # fmt: skip
-            width = max(len(ids[i]) for i in batch)
-            tokens = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(tokens)
-            for row, i in enumerate(batch):  # left padding: the last position is the prompt's
-                tokens[row, width - len(ids[i]) :] = torch.tensor(ids[i])
-                mask[row, width - len(ids[i]) :] = 1
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            hidden = self.base(input_ids=tokens.to(device), attention_mask=mask.to(device),
-                               position_ids=positions.to(device),
-                               use_cache=False).last_hidden_state  # fmt: skip
+            inputs = left_padded([ids[i] for i in batch], tokenizer.pad_token_id, device)
+            hidden = self.base(**inputs, use_cache=False).last_hidden_state
             out[batch] = hidden[:, -1].float().cpu()
         return out
 

@@ -20,6 +20,7 @@ import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.stats import spearmanr
@@ -28,6 +29,9 @@ from optlab.core import data
 from optlab.core.config import configurable, option
 from optlab.core.files import read_text_file
 from optlab.errors import OptlabError, did_you_mean
+
+if TYPE_CHECKING:
+    pass
 
 SHIPPED = ("lee", "wordsim353", "simlex999")
 HALVES = ("dev", "test")

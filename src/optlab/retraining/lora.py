@@ -41,9 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from optlab.core.anatomy import Anatomy
-from optlab.core.lora import LoraLinear, adapters_of, merge_adapters
-from optlab.core.modules import replace_module
+from optlab.core.lora import LoraLinear, adapters_of, merge_adapters, wrap_block_linears
 from optlab.errors import OptlabError, did_you_mean
 
 
@@ -155,16 +153,9 @@ def add_adapters(
     >>> list(adapters)[0]
     'model.layers.0.self_attn.q_proj'
     """
-    if adapters_of(model):
-        raise OptlabError("the model already has LoRA adapters; merge_adapters() them first")
-    anatomy = Anatomy.of(model)
-    wrapped: dict[str, LoraLinear] = {}
-    for index, block in enumerate(anatomy.blocks):
-        for name, linear in anatomy.linears(block).items():
-            adapter = make_adapter(linear, variant, rank, alpha, dropout)
-            replace_module(block, name, adapter)
-            wrapped[f"{anatomy.blocks_path}.{index}.{name}"] = adapter
-    return wrapped
+    return wrap_block_linears(
+        model, lambda linear: make_adapter(linear, variant, rank, alpha, dropout)
+    )
 
 
 __all__ = [
