@@ -11,6 +11,9 @@ four more times. Scores are cached in ``--out`` (a rerun resumes).
     python benchmarks/retrieve.py                                    # default model
     python benchmarks/retrieve.py --pool 16 --candidates 8 --test 30 --other random:llama-135m
     python benchmarks/retrieve.py --model tiny:llama --pool 4 --candidates 2 --test 2  # smoke
+
+The score cache in ``--out`` is not keyed on the settings: give a new ``--out`` when you
+change --pool, --candidates, --only or --model.
 """
 
 from __future__ import annotations
@@ -70,13 +73,15 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=12)
     parser.add_argument("--clusters", help="comma-separated (default: all)")
+    parser.add_argument("--only", help="comma-separated shipped tasks (default: all)")
     parser.add_argument("--out", help="keep the score cache and results here")
     args = parser.parse_args()
     torch.set_num_threads(2)
     work = Path(args.out or tempfile.mkdtemp(prefix="optlab-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     lm = load_model(args.model)
-    split = TaskSplit(pool_size=args.pool, test_size=args.test)
+    only = tuple(args.only.split(",")) if args.only else ()
+    split = TaskSplit(hold_out="sentiment", only=only, pool_size=args.pool, test_size=args.test)
     tasks = split.all_tasks()
     parts = {n: split_task(t, pool_size=args.pool, test_size=args.test, seed=split.split_seed)
              for n, t in tasks.items()}  # fmt: skip

@@ -137,6 +137,8 @@ def score_stage(
     from accelerate import PartialState
 
     state = PartialState()
+    if state.num_processes > 1 and cache is None:
+        raise OptlabError("scoring across processes merges their cache files: give --out")
     scorer = Scorer(lm, batch_size=config.batch_size, progress=progress)
     targets = training_targets(splits.pool, config.limit)
     start = time.perf_counter()
