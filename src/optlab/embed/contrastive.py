@@ -29,6 +29,7 @@ import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -212,7 +213,7 @@ def train_contrastive(
 
     def dev_spearman() -> float:
         model.eval()  # no dropout while measuring
-        value = sts_spearman(lambda texts: embedder.encode(texts, show_progress_bar=False), dev)
+        value = sts_spearman(partial(embedder.encode, show_progress_bar=False), dev)
         model.train()
         return value if math.isfinite(value) else -math.inf  # a constant embedding: nan
 
