@@ -179,7 +179,7 @@ def exit_bench(
     layers'. With ``out``: metrics.json, results.csv, results.md and PNG plots.
 
     >>> result = exit_bench("tiny:llama", BenchConfig(taus=(0.5,), fixed=(1,),
-    ...     speculative=(1,)), completion=CompletionConfig(samples=1, max_context=32),
+    ...     speculative=(1,)), completion=CompletionConfig(samples=1, max_context=32, new_tokens=4),
     ...     progress=False)
     >>> list(result["settings"]), result["energy_backend"]
     (['none', 'confidence@0.5', 'fixed:1', 'speculative:1'], 'proxy')
@@ -196,9 +196,16 @@ def exit_bench(
         raise OptlabError(f"--new-tokens {completion.new_tokens} leaves no room for a context "
                           f"in the model's {room + completion.new_tokens} positions")  # fmt: skip
     if completion.max_context > room:
-        log.info("--max-context %d: capped at %d (the model's positions less the new tokens)",
+        log.debug("--max-context %d: capped at %d (the model's positions less the new tokens)",
                  completion.max_context, room)  # fmt: skip
         completion = replace(completion, max_context=room)
+    layers = len(Anatomy.of(lm.model).blocks)
+    for exits in [config.exits or "auto", *([layer] for layer in config.fixed)]:
+        resolve_exits(exits, layers)  # an exit outside the model fails before the run
+    for draft in config.speculative:
+        if draft >= layers:
+            raise OptlabError(f"--speculative {draft}: a draft exit must be in 1..{layers - 1} "
+                              f"(the model has {layers} layers)")  # fmt: skip
     items = code_items(data.data, config.split, data.extensions)  # bad data fails here
     if config.policy is not None:  # a policy for another model fails before the run
         from optlab.early_exit.rules import exit_rule

@@ -3,7 +3,7 @@
 >>> config = GenerateConfig(exit="confidence", tau=0.8, kv="recompute")
 >>> rows = generate_samples(load_model("tiny:llama"), config, ["def f(x):"], progress=False)
 >>> sorted(rows[0])[:4], rows[0]["tokens"]
-(['context_tokens', 'executed_layers', 'exit', 'layers'], 15)
+(['context_tokens', 'executed_layers', 'exit', 'kv_copied'], 15)
 """
 
 from __future__ import annotations
