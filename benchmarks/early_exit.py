@@ -9,13 +9,17 @@ context of 20% of each file, capped, as GREEN-CODE's evaluation cuts them), gree
    (LayerSkip's self-speculation) at the same E;
 2. wall time per sample against mean executed layers for fixed and confidence exits with
    ``--kv copy`` and ``--kv recompute`` (agreement: the share of generated tokens equal to the
-   full model's at the same position).
+   full model's at the same position);
+3. quality (against the references and relative to all layers), executed layers, time and
+   energy of the policy (``--policy``), confidence and fixed exits: ``optlab exit bench``
+   itself (:func:`optlab.exit_bench`), its table printed and its run written to ``--out``.
 
 Each configuration runs once untimed first (warm-up), then on every prompt.
 
     python benchmarks/early_exit.py                       # default model (SmolLM2-135M)
     python benchmarks/early_exit.py --model runs/exits    # an `optlab exit train` run
     python benchmarks/early_exit.py --parts speed --draft-layers 24 --draft-tokens 2
+    python benchmarks/early_exit.py --parts quality --policy runs/policy --out runs/bench
 """
 
 from __future__ import annotations
@@ -137,6 +141,21 @@ def exits_table(args: argparse.Namespace, lm: LoadedModel, prompts: list[list[in
     return results
 
 
+def quality(args: argparse.Namespace, lm: LoadedModel, prompts: list[list[int]]) -> dict:
+    """``exit bench`` on the same model and samples (it cuts the test split alike, seed 0)."""
+    from optlab.api import BenchConfig, CompletionConfig, exit_bench
+    from optlab.early_exit.bench import results_markdown
+
+    config = BenchConfig(taus=tuple(args.taus), policy=args.policy, fixed=tuple(args.fixed),
+                         speculative=tuple(args.draft_layers),
+                         draft_tokens=args.draft_tokens)  # fmt: skip
+    cut = CompletionConfig(samples=args.samples, max_context=args.max_context,
+                           new_tokens=args.new_tokens)  # fmt: skip
+    result = exit_bench(lm, config, completion=cut, out=args.out)
+    print("\n" + results_markdown(result.metrics))
+    return result.metrics
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="default", help="model spec or exit-train run")
@@ -152,8 +171,11 @@ def main() -> None:
                         default=[0.5, 0.9], help="confidence thresholds")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1, help="torch threads (batch 1 on "
                         "shared cores: 1 is fastest)")  # fmt: skip
-    parser.add_argument("--parts", default="speed,exits", help="speed (greedy vs speculative) "
-                        "and/or exits (fixed / confidence, copy / recompute)")  # fmt: skip
+    parser.add_argument("--parts", default="speed,exits,quality", help="speed (greedy vs "
+                        "speculative), exits (fixed / confidence, copy / recompute) and/or "
+                        "quality (exit bench: quality, layers, time, energy)")  # fmt: skip
+    parser.add_argument("--policy", help="an `optlab exit policy` run (quality part)")
+    parser.add_argument("--out", type=Path, help="where the quality part writes its run")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -166,7 +188,7 @@ def main() -> None:
     print(f"model {args.model} ({len(Anatomy.of(lm.model).blocks)} layers); {len(prompts)} "
           f"prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens from the test "
           f"split of code:stdlib; torch threads {args.threads}")  # fmt: skip
-    parts = {"speed": speed, "exits": exits_table}
+    parts = {"speed": speed, "exits": exits_table, "quality": quality}
     results = {part: parts[part](args, lm, prompts) for part in args.parts.split(",")}
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -14,7 +14,8 @@ from optlab.audit.reliability import ReliabilityConfig
 from optlab.audit.skeb import SkebConfig
 from optlab.core.calibration import Calibration
 from optlab.core.job import COMMANDS, Command, Input, Job, Result, Section, register_command
-from optlab.early_exit.data import CodeDataConfig
+from optlab.early_exit.bench import BenchConfig
+from optlab.early_exit.data import CodeDataConfig, CompletionConfig
 from optlab.early_exit.generate import GenerateConfig, PromptsConfig
 from optlab.early_exit.policy import PolicyConfig
 from optlab.early_exit.train import ExitTrainConfig
@@ -500,6 +501,38 @@ register_command(Command(
     examples=("optlab exit policy runs/exit-train --timesteps 500000 --out runs/policy",
               "optlab exit policy default --exits 3,5,7,9,11,13,17,21,25 --episodes 64 "
               "--timesteps 20000 --out runs/policy-base"),
+))  # fmt: skip
+
+
+def _exit_bench(job: Job, *, out: str | Path | None, force: bool, progress: bool) -> Result:
+    return api.exit_bench(_load(job), job.configs["bench"], data=job.configs["data"],
+                          completion=job.configs["completion"], seed=job.seed, out=out,
+                          force=force, progress=progress)  # fmt: skip
+
+
+register_command(Command(
+    name="exit bench",
+    help="quality vs executed layers, time and energy of every exit setting; speculation vs E",
+    description="GREEN-CODE's evaluation of MODEL_OR_RUN in one process: completion samples of\n"
+    "the --split of --data (a --context-fraction 0.2 context, --new-tokens 15 greedy tokens,\n"
+    "--samples of them), decoded with all layers (the baseline), the PPO policy of --policy\n"
+    "at each of --taus, the confidence rule at each of --taus, each --fixed exit layer, and\n"
+    "exact self-speculation at each --speculative draft exit E. Per setting: mean executed\n"
+    "layers, exact match, edit similarity, ROUGE-L, chrF and BLEU against the references and\n"
+    "relative to all layers, seconds and energy per sample (the meter's backend is named:\n"
+    "NVML on a GPU, RAPL where readable, else the proxy: decoder-block runs and LM-head calls\n"
+    "as FLOPs), tokens/s, draft acceptance and outputs identical to all layers'. Writes\n"
+    "metrics.json, results.csv, results.md, quality_vs_layers.png, quality_vs_cost.png\n"
+    "(energy and time) and speculative.png (tokens/s and acceptance vs E).",
+    inputs=(MODEL_OR_RUN,),
+    sections=(Section("bench", BenchConfig(), "settings"),
+              Section("data", CodeDataConfig(), "code data"),
+              Section("completion", CompletionConfig(), "completion samples")),
+    run=_exit_bench,
+    examples=("optlab exit bench runs/exits --data code:stdlib --taus 0.6,0.8,0.9,0.92,0.94 "
+              "--policy runs/policy --fixed 8,15,22 --speculative 6,15,24 --samples 200 "
+              "--out runs/bench",
+              "optlab exit bench default --taus 0.9 --samples 20 --energy proxy --out runs/b"),
 ))  # fmt: skip
 
 

@@ -72,6 +72,8 @@ def command_args(tmp: Path, prune_run: Path, uprise: Path) -> dict[str, list[obj
                           "--max-new-tokens", "2"],
         "exit policy": ["exit", "policy", "tiny:opt", "--exits", "1", "--episodes", "1",
                         "--timesteps", "8", "--n-steps", "8", "--batch-size", "4"],
+        "exit bench": ["exit", "bench", "tiny:opt", "--taus", "0.5", "--samples", "1",
+                       "--new-tokens", "2", "--max-context", "16"],
         "retrieve score": ["retrieve", "score", "tiny:opt", *tiny],
         "retrieve train": ["retrieve", "train", uprise, "--epochs", "1"],
         "retrieve index": ["retrieve", "index", uprise],
@@ -93,9 +95,9 @@ def _uprise(request: pytest.FixtureRequest, command: str) -> Path:
 
 COMMANDS = ["info", "eval", "prune", "retrain", "quantize", "unlearn", "unlearn sweep",
             "audit skeb", "audit reliability", "audit graph", "run", "rerun", "demo",
-            "embed encode", "embed eval", "embed select-demo", "embed train",
-            "exit train", "exit generate",
-            "exit policy", "retrieve score", "retrieve train", "retrieve index",
+            "embed encode", "embed eval", "embed select-demo", "embed train", "exit train",
+            "exit generate", "exit policy", "exit bench", "retrieve score", "retrieve train",
+            "retrieve index",
             "retrieve eval", "retrieve run"]  # fmt: skip
 WRITERS = [c for c in COMMANDS if c != "info"]  # info prints and writes nothing
 
@@ -120,6 +122,7 @@ BAD_VALUES: dict[str, tuple[list[str], list[str]]] = {
     "exit train": (["--exits", "99"], ["exit layer 99", "outside the model"]),
     "exit generate": (["--tau", "x"], ["--tau", "'x'"]),
     "exit policy": (["--timesteps", "many"], ["--timesteps", "'many'"]),
+    "exit bench": (["--taus", "1.5"], ["--tau must be in (0, 1)", "1.5"]),
     "retrieve score": (["--candidates", "many"], ["--candidates", "'many'"]),
     "retrieve train": (["--lr", "fast"], ["--lr", "'fast'"]),
     "retrieve index": (["--seed", "x"], ["--seed", "'x'"]),

@@ -17,7 +17,7 @@ harness (:func:`optlab.core.run.execute`) whose ``config.yaml`` replays it
 from optlab.api._audits import audit_graph, audit_reliability, audit_skeb
 from optlab.api._base import rerun, resolve_model
 from optlab.api._compress import QUANT_CALIB, prune, quantize, retrain
-from optlab.api._early_exit import exit_generate, exit_train
+from optlab.api._early_exit import exit_bench, exit_generate, exit_train
 from optlab.api._embed import embed_encode, embed_eval, embed_select_demo, embed_train
 from optlab.api._evaluation import describe_model, evaluate, info
 from optlab.api._exit_policy import exit_policy
@@ -38,6 +38,7 @@ from optlab.core.job import Result
 from optlab.core.layerwise import BlockContext, run_layerwise
 from optlab.core.models import LoadedModel, load_model
 from optlab.core.run import Run
+from optlab.early_exit.bench import BenchConfig
 from optlab.early_exit.data import CodeDataConfig, CompletionConfig
 from optlab.early_exit.generate import GenerateConfig, PromptsConfig
 from optlab.early_exit.policy import PolicyConfig
@@ -83,6 +84,7 @@ __all__ = [
     # configs and data specs
     "AvgBitsConfig",
     "BaselineConfig",
+    "BenchConfig",
     "BlockContext",
     "CMPQConfig",
     "Calibration",
@@ -141,6 +143,7 @@ __all__ = [
     "embed_select_demo",
     "embed_train",
     "evaluate",
+    "exit_bench",
     "exit_generate",
     "exit_policy",
     "exit_train",

@@ -1,4 +1,4 @@
-"""Early exit (GREEN-CODE): ``exit_train``, ``exit_generate``."""
+"""Early exit (GREEN-CODE): ``exit_train``, ``exit_generate``, ``exit_bench``."""
 
 from __future__ import annotations
 
@@ -14,8 +14,22 @@ from optlab.core.anatomy import Anatomy
 from optlab.core.job import GIVEN, Result
 from optlab.core.models import LoadedModel, save_model
 from optlab.core.run import Run, peak_memory_gb, seed_everything
-from optlab.early_exit.data import CodeDataConfig, code_texts, packed_windows
-from optlab.early_exit.exits import record_exits, resolve_exits
+from optlab.early_exit.bench import (
+    BenchConfig,
+    results_csv,
+    results_markdown,
+    run_bench,
+    write_plots,
+)
+from optlab.early_exit.data import (
+    CodeDataConfig,
+    CompletionConfig,
+    code_items,
+    code_texts,
+    completion_samples,
+    packed_windows,
+)
+from optlab.early_exit.exits import exits_of, record_exits, resolve_exits
 from optlab.early_exit.generate import GenerateConfig, PromptsConfig, generate_samples, summary
 from optlab.early_exit.train import ExitTrainConfig, exit_agreement, train_exits
 from optlab.errors import OptlabError
@@ -141,5 +155,74 @@ def exit_generate(
         rows = generate_samples(lm, config, texts, progress=progress)
         return {"model": lm.spec, "mean": summary(rows),
                 "samples": {str(i): row for i, row in enumerate(rows, 1)}}  # fmt: skip
+
+    return execute_job(job, body, out, force)
+
+
+def exit_bench(
+    model: LoadedModel | str | Path,
+    config: BenchConfig | None = None,
+    *,
+    data: CodeDataConfig | None = None,
+    completion: CompletionConfig | None = None,
+    seed: int = 0,
+    out: str | Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> Result:
+    """GREEN-CODE's evaluation in one process: on completion samples of ``config.split``
+    of ``data`` (``completion``: a 20% context, 15 new greedy tokens), the all-layers
+    model, the PPO policy (``config.policy``) and the confidence rule at each tau, fixed
+    exits and self-speculation at each E. Per setting (``settings``): mean executed layers,
+    quality against the references and relative to all layers, seconds and energy per
+    sample (the meter's backend named), tokens/s, acceptance, outputs identical to all
+    layers'. With ``out``: metrics.json, results.csv, results.md and PNG plots.
+
+    >>> result = exit_bench("tiny:llama", BenchConfig(taus=(0.5,), fixed=(1,),
+    ...     speculative=(1,)), completion=CompletionConfig(samples=1, max_context=32, new_tokens=4),
+    ...     progress=False)
+    >>> list(result["settings"]), result["energy_backend"]
+    (['none', 'confidence@0.5', 'fixed:1', 'speculative:1'], 'proxy')
+    >>> result["settings"]["none"]["relative"]["rouge_l"], result["settings"]["fixed:1"]["layers"]
+    (1.0, 1.0)
+    """
+    config = config or BenchConfig()
+    data = data or CodeDataConfig()
+    completion = replace(completion or CompletionConfig(), seed=seed)
+    lm = resolve_model(model)
+    # The context and the new tokens must fit in the model's positions.
+    room = window_length(lm.model, None) - completion.new_tokens
+    if room < 1:
+        raise OptlabError(f"--new-tokens {completion.new_tokens} leaves no room for a context "
+                          f"in the model's {room + completion.new_tokens} positions")  # fmt: skip
+    if completion.max_context > room:
+        log.debug("--max-context %d: capped at %d (the model's positions less the new tokens)",
+                 completion.max_context, room)  # fmt: skip
+        completion = replace(completion, max_context=room)
+    layers = len(Anatomy.of(lm.model).blocks)
+    for exits in [config.exits or "auto", *([layer] for layer in config.fixed)]:
+        resolve_exits(exits, layers)  # an exit outside the model fails before the run
+    for draft in config.speculative:
+        if draft >= layers:
+            raise OptlabError(f"--speculative {draft}: a draft exit must be in 1..{layers - 1} "
+                              f"(the model has {layers} layers)")  # fmt: skip
+    items = code_items(data.data, config.split, data.extensions)  # bad data fails here
+    if config.policy is not None:  # a policy for another model fails before the run
+        from optlab.early_exit.rules import exit_rule
+
+        exit_rule("policy", lm, config.exits or exits_of(lm), config.taus[0],
+                  policy=config.policy)  # fmt: skip
+    job = job_of("exit bench", lm, seed, bench=config, data=data, completion=completion)
+
+    def body(run: Run | None) -> dict[str, Any]:
+        seed_everything(seed)
+        samples = completion_samples(items, lm.tokenizer, completion)
+        bench = run_bench(lm, config, samples, progress=progress)
+        if run is not None:
+            run.save_text("results.csv", results_csv(bench))
+            run.save_text("results.md", results_markdown(bench))
+            bench["plots"] = write_plots(bench, run.dir)
+        log.info("exit bench:\n%s", results_markdown(bench))
+        return bench
 
     return execute_job(job, body, out, force)

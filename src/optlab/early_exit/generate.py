@@ -3,7 +3,7 @@
 >>> config = GenerateConfig(exit="confidence", tau=0.8, kv="recompute")
 >>> rows = generate_samples(load_model("tiny:llama"), config, ["def f(x):"], progress=False)
 >>> sorted(rows[0])[:4], rows[0]["tokens"]
-(['executed_layers', 'exit', 'layers', 'prompt'], 15)
+(['context_tokens', 'executed_layers', 'exit', 'kv_copied'], 15)
 """
 
 from __future__ import annotations
@@ -123,10 +123,16 @@ def decode_one(
 
 
 def generate_samples(
-    lm: LoadedModel, config: GenerateConfig, prompts: Sequence[str], *, progress: bool = True
+    lm: LoadedModel,
+    config: GenerateConfig,
+    prompts: Sequence[str] | Sequence[Sequence[int]],
+    *,
+    progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Decode every prompt; per sample its text, tokens, layers run per token (mean and
-    each), seconds and tokens/s (with ``speculative``: drafted, accepted, acceptance)."""
+    """Decode every prompt (a text, or token ids as given: a completion sample's cut
+    context, which decoding and re-encoding may not reproduce); per sample its text,
+    tokens, layers run per token (mean and each), context tokens, seconds and tokens/s
+    (with ``speculative``: drafted, accepted, acceptance)."""
     anatomy = Anatomy.of(lm.model)
     num_layers = len(anatomy.blocks)
     if config.speculative is not None and not 1 <= config.speculative < num_layers:
@@ -136,20 +142,23 @@ def generate_samples(
     allowed = config.exits if config.exits is not None else exits_of(lm)
     rule, exits = exit_rule(config.exit, lm, allowed, config.tau, head=head,
                             policy=config.policy)  # fmt: skip
-    encoded = [prompt_ids(lm, text) for text in prompts]
+    encoded = [prompt_ids(lm, p) if isinstance(p, str) else list(p) for p in prompts]
     rows = []
-    for text, ids in zip(tqdm(prompts, desc="samples", disable=not progress or None,
-                              leave=False), encoded, strict=True):  # fmt: skip
+    for prompt, ids in zip(tqdm(prompts, desc="samples", disable=not progress or None,
+                                leave=False), encoded, strict=True):  # fmt: skip
         out = decode_one(lm, config, ids, rule, exits, head)
+        text = prompt if isinstance(prompt, str) else lm.tokenizer.decode(ids)
         row: dict[str, Any] = {
-            "prompt": text, "text": lm.tokenizer.decode(out.tokens), "tokens": len(out.tokens),
+            "prompt": text, "context_tokens": len(ids),
+            "text": lm.tokenizer.decode(out.tokens), "tokens": len(out.tokens),
             "layers": out.mean_layers, "executed_layers": out.layers, "seconds": out.seconds,
             "tokens_per_second": out.tokens_per_second,
             "exit": "speculative" if config.speculative is not None else config.exit,
         }  # fmt: skip
         if config.speculative is not None:
             row |= {"drafted": out.drafted, "accepted": out.accepted,
-                    "acceptance": out.acceptance, "rounds": out.rounds}  # fmt: skip
+                    "acceptance": out.acceptance, "rounds": out.rounds,
+                    "recomputed": out.recomputed}  # fmt: skip
         else:
             row |= {"recomputed": out.recomputed, "kv_copied": out.filled}
         rows.append(row)
