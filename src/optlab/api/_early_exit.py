@@ -210,7 +210,7 @@ def exit_bench(
     if config.policy is not None:  # a policy for another model fails before the run
         from optlab.early_exit.rules import exit_rule
 
-        exit_rule("policy", lm, config.exits or exits_of(lm), config.taus[0],
+        exit_rule("policy", lm, exits_of(lm, config.exits), config.taus[0],
                   policy=config.policy)  # fmt: skip
     job = job_of("exit bench", lm, seed, bench=config, data=data, completion=completion)
 

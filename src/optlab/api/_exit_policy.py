@@ -12,8 +12,9 @@ from optlab.core.anatomy import Anatomy
 from optlab.core.job import Result
 from optlab.core.models import LoadedModel
 from optlab.core.run import Run
+from optlab.early_exit.bench import TAUS  # the summary of decisions uses the bench's sweep
 from optlab.early_exit.data import CodeDataConfig, code_items, completion_samples
-from optlab.early_exit.exits import CONFIG_KEY, exits_of, resolve_exits
+from optlab.early_exit.exits import CONFIG_KEY, exits_of
 from optlab.early_exit.features import collect_features
 from optlab.early_exit.policy import (
     POLICY_JSON,
@@ -30,8 +31,6 @@ from optlab.early_exit.policy import (
 from optlab.errors import OptlabError
 
 log = logging.getLogger("optlab")
-
-TAUS = (0.6, 0.8, 0.9, 0.92, 0.94)  # the paper's sweep, for the summary of decisions
 
 
 def exit_policy(
@@ -62,7 +61,7 @@ def exit_policy(
     lm = resolve_model(model)
     num_layers = len(Anatomy.of(lm.model).blocks)
     own = exits_of(lm)  # the set `exit train` recorded in the model's config, else auto
-    exits = own if config.exits is None else resolve_exits(config.exits, num_layers)
+    exits = exits_of(lm, config.exits)
     if exits != own and getattr(lm.model.config, CONFIG_KEY, None) is not None:
         log.warning("--exits %s differs from the exits this model was trained for (%s): the "
                     "policy fits this exit set only", config.exits,

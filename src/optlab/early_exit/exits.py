@@ -120,9 +120,12 @@ def record_exits(model: nn.Module, exits: Sequence[int], weights: Sequence[float
                                        "scheme": scheme})  # fmt: skip
 
 
-def exits_of(source: LoadedModel | nn.Module | str | Path) -> tuple[int, ...]:
-    """The exits of a model, a model folder or a run directory: the set ``exit train`` stored
-    in its config, else the ``auto`` rule for its depth.
+def exits_of(
+    source: LoadedModel | nn.Module | str | Path, spec: str | Sequence[int] | None = None
+) -> tuple[int, ...]:
+    """The exits of a model, a model folder or a run directory: ``spec`` (``--exits``)
+    resolved for its depth when given, else the set ``exit train`` stored in its config,
+    else the ``auto`` rule.
 
     >>> exits_of(load_model("default"))       # an untrained model: the official rule
     (3, 5, 7, 9, 11, 13, 17, 21, 25, 30)
@@ -143,6 +146,8 @@ def exits_of(source: LoadedModel | nn.Module | str | Path) -> tuple[int, ...]:
 
         config = AutoConfig.from_pretrained(folder)
     num_layers = int(config.num_hidden_layers)
+    if spec is not None:
+        return resolve_exits(spec, num_layers)
     record = getattr(config, CONFIG_KEY, None)
     if isinstance(record, dict) and isinstance(record.get("exits"), list):
         return resolve_exits(record["exits"], num_layers)

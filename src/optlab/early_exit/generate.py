@@ -139,7 +139,7 @@ def generate_samples(
         raise OptlabError(f"--speculative {config.speculative}: the draft exit must be in "
                           f"1..{num_layers - 1} (the model has {num_layers} layers)")  # fmt: skip
     head = ExitHead(anatomy)
-    allowed = config.exits if config.exits is not None else exits_of(lm)
+    allowed = exits_of(lm, config.exits)
     rule, exits = exit_rule(config.exit, lm, allowed, config.tau, head=head,
                             policy=config.policy)  # fmt: skip
     encoded = [prompt_ids(lm, p) if isinstance(p, str) else list(p) for p in prompts]

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from optlab.core.anatomy import Anatomy
 from optlab.core.config import configurable, option, require, require_finite, require_positive
-from optlab.core.files import read_text_file
+from optlab.core.files import read_json_object
 from optlab.core.models import LoadedModel
 from optlab.core.run import atomic_write
 from optlab.early_exit.data import CompletionConfig
@@ -292,11 +292,7 @@ def read_policy(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.Ten
     if not config_path.is_file() or not weights_path.is_file():
         raise OptlabError(f"{str(folder)!r} holds no exit policy ({POLICY_JSON} and "
                           f"{POLICY_WEIGHTS}): make one with `optlab exit policy`")  # fmt: skip
-    try:
-        config = json.loads(read_text_file(config_path, "policy config"))
-    except json.JSONDecodeError as err:
-        raise OptlabError(f"{config_path} is not valid JSON ({err.msg}, line "
-                          f"{err.lineno})") from None  # fmt: skip
+    config = read_json_object(config_path, "policy config")
     fields = {"hidden_size": int, "num_layers": int, "exits": list, "net": list}
     if not isinstance(config, dict) or config.get("format") != FORMAT or any(
             not isinstance(config.get(k), t) for k, t in fields.items()):  # fmt: skip

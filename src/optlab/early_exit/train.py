@@ -39,9 +39,8 @@ from optlab.core.config import (
     require_finite,
     require_positive,
 )
-from optlab.core.lora import LoraLinear, adapters_of, merge_adapters
+from optlab.core.lora import LoraLinear, adapters_of, merge_adapters, wrap_block_linears
 from optlab.core.models import LoadedModel
-from optlab.core.modules import replace_module
 from optlab.core.train import (
     TrainConfig,
     dropout_active,
@@ -175,18 +174,6 @@ def exit_agreement(
             for layer, s in sums.items()}  # fmt: skip
 
 
-def add_block_adapters(model: nn.Module, rank: int, alpha: float) -> int:
-    """Plain LoRA on every linear of every decoder block; returns how many were wrapped."""
-    anatomy = Anatomy.of(model)
-    count = 0
-    for index, block in enumerate(anatomy.blocks):
-        for name, linear in anatomy.linears(block).items():
-            replace_module(model, f"{anatomy.blocks_path}.{index}.{name}",
-                           LoraLinear(linear, rank, alpha))  # fmt: skip
-            count += 1
-    return count
-
-
 def train_exits(
     lm: LoadedModel,
     windows: torch.Tensor,
@@ -219,7 +206,7 @@ def train_exits(
     model.requires_grad_(not config.lora)
     if config.lora:
         torch.manual_seed(config.seed)  # the adapters' initialisation
-        add_block_adapters(model, config.rank, config.alpha)
+        wrap_block_linears(model, lambda linear: LoraLinear(linear, config.rank, config.alpha))
     device = accelerator.device
     weight_vector = torch.tensor(weights, device=device)
     rowwise = dropout_active(model)

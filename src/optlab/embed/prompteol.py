@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from optlab.core.config import configurable, option, require, require_positive
-from optlab.core.files import read_text_file
+from optlab.core.files import read_json_object
 from optlab.core.models import LoadedModel
 from optlab.core.run import atomic_write
 from optlab.errors import OptlabError
@@ -56,12 +56,8 @@ def one_word_demo(sentence: str, word: str, where: str) -> tuple[str, str]:
 @lru_cache(maxsize=16)
 def _demo_file(path: Path, modified: int) -> tuple[str, str]:
     where = f"--demo {str(path)!r}"
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise OptlabError(f"{where}: cannot read the demonstration ({err})") from None
-    if not isinstance(saved, dict) or not all(isinstance(saved.get(k), str) for k in
-                                              ("sentence", "word")):  # fmt: skip
+    saved = read_json_object(path, "--demo file")
+    if not all(isinstance(saved.get(k), str) for k in ("sentence", "word")):
         raise OptlabError(f"{where}: expected an object with 'sentence' and 'word' strings")
     return one_word_demo(saved["sentence"], saved["word"], where)
 
@@ -141,12 +137,12 @@ class PromptEOLConfig:
         path = folder / PROMPT_FILE
         if not path.is_file():
             return None
+        record = read_json_object(path, "prompt file")
         try:
-            record = json.loads(read_text_file(path, "prompt file"))
             template, demo = record["template"], record["demo"]
             config = cls(demo=None if demo is None else f"{demo['sentence']}=>{demo['word']}",
                          preprocess=bool(record.get("preprocess", True)))  # fmt: skip
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+        except (KeyError, TypeError) as err:
             raise OptlabError(f"{path} is damaged ({type(err).__name__}: {err})") from None
         require(template == TEMPLATE, f"{path}: template {template!r} is not PromptEOL's "
                 f"{TEMPLATE!r}, the only one optlab embeds with")  # fmt: skip

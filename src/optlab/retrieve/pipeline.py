@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from optlab.core.config import configurable, option, require, require_positive
+from optlab.core.files import read_json_object
 from optlab.core.models import LoadedModel
 from optlab.core.run import atomic_write
 from optlab.errors import OptlabError, did_you_mean
@@ -94,7 +95,7 @@ def artefact(run: Path, name: str) -> Path:
         return run / name
     sources = run / SOURCES
     if sources.is_file():
-        found = json.loads(sources.read_text(encoding="utf-8")).get(name)
+        found = read_json_object(sources, "retrieve run's sources").get(name)
         if found and Path(found).exists():
             return Path(found)
         if found:
