@@ -137,11 +137,16 @@ def test_ppo_learns_a_rule_written_in_the_state() -> None:
     assert p_exit[0] > 0.7 and p_exit[1] < 0.3
 
 
-def test_the_plain_actor_gives_stable_baselines_probabilities(features) -> None:
+def test_the_plain_actor_gives_stable_baselines_probabilities(
+    features, tmp_path, monkeypatch
+) -> None:
     from stable_baselines3 import PPO
 
     env = ExitEnv(features)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # where stable-baselines3 logs by default
+    monkeypatch.setattr("tempfile.tempdir", None)
     weights, info = train_ppo(env, timesteps=64, n_steps=32, batch_size=16, progress=False)
+    assert not list(tmp_path.iterdir()), "PPO wrote a log folder"
     assert info["timesteps"] == 64 and len(info["rollout_mean_reward"]) == 2
     sb3 = PPO("MlpPolicy", env, policy_kwargs={"net_arch": {"pi": [64, 64], "vf": [64, 64]}},
               device="cpu", seed=0)  # fmt: skip

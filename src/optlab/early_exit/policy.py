@@ -193,11 +193,14 @@ def train_ppo(
     from the actor-critic weights ``init`` if given (a fresh learning-rate schedule); the
     weights and a summary (steps run, mean reward per rollout)."""
     from stable_baselines3 import PPO  # slow import: only training needs it
+    from stable_baselines3.common.logger import Logger
 
     model = PPO("MlpPolicy", env, learning_rate=lambda remaining: remaining * lr,
                 n_steps=n_steps, batch_size=batch_size, n_epochs=epochs, seed=seed,
                 policy_kwargs={"net_arch": {"pi": list(net), "vf": list(net)}}, device="cpu",
                 verbose=0)  # fmt: skip
+    # Without a logger of its own, learn() makes a folder SB3-<time> in the temp dir per call.
+    model.set_logger(Logger(folder=None, output_formats=[]))
     if init is not None:
         model.policy.load_state_dict(init)
     callback = _progress(-(-timesteps // n_steps) * n_steps, progress)
