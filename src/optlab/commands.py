@@ -392,7 +392,7 @@ register_command(Command(
     help="choose the in-context demonstration by dev-set Spearman",
     description="Score every (sentence -> one word) candidate as PromptEOL's demonstration by\n"
     "the mean Spearman x100 on the dev STS sets (default: the dev halves of Lee and\n"
-    "WordSim-353, disjoint from their :test halves), keep the best in --out/demo.json and\n"
+    "WordSim-353, disjoint from their :test halves), keep the best in --out/prompt.json and\n"
     "list every candidate's score in metrics.json; `--demo RUN` on any embed command uses it.\n"
     "builtin: the paper's six demonstrations and 120 country glosses (countryinfo, MIT).",
     inputs=(MODEL_OR_RUN,),

@@ -24,11 +24,10 @@ CANDIDATES = [("A man is smoking.", "Smoking"), ("meat from a deer.", "Venison")
 def test_the_demonstration_format_is_the_papers_exactly(tmp_path) -> None:
     saved = tmp_path / "run"
     saved.mkdir()
-    (saved / "demo.json").write_text(json.dumps({"sentence": "meat from a deer.",
-                                                 "word": "Venison"}))  # fmt: skip
+    PromptEOLConfig(demo="meat from a deer.=>Venison").save(saved)
     expected = ('This sentence : "meat from a deer." means in one word:"Venison".'
                 'This sentence : "A dog runs." means in one word:"')  # fmt: skip
-    for demo in ("opt-13b", "meat from a deer.=>Venison", str(saved), str(saved / "demo.json")):
+    for demo in ("opt-13b", "meat from a deer.=>Venison", str(saved), str(saved / "prompt.json")):
         assert PromptEOLConfig(demo=demo).prompt("A dog runs") == expected
     # the word is what follows the last "=>": a sentence may hold one
     assert PromptEOLConfig(demo="a => b.=>C").demonstration() == ("a => b.", "C")
@@ -65,7 +64,7 @@ def test_selection_keeps_the_candidate_with_the_best_dev_spearman(tmp_path, caps
     scores = [c["spearman"] for c in result["candidates"]]
     np.testing.assert_allclose(scores, by_hand, atol=1e-6)
     best = CANDIDATES[int(np.argmax(by_hand))]
-    saved = json.loads((run / "demo.json").read_text())
+    saved = json.loads((run / "prompt.json").read_text())["demo"]
     assert (saved["sentence"], saved["word"]) == best
     plain = sts_spearman(Embedder(lm).encode, dev)
     assert result["plain"]["spearman"] == pytest.approx(plain, abs=1e-6)
@@ -153,7 +152,7 @@ def test_eval_scores_minilm_beside_on_the_same_pairs_and_folds(tmp_path, capsys)
          "Did you mean 'sentiment'"),
         (["eval", "tiny:llama", "--classify", "NO_LABEL", "--out", "OUT"], "'label' columns"),
         (["eval", "tiny:llama", "--classify", "FEW", "--out", "OUT"], "fewer than the 10 folds"),
-        (["eval", "tiny:llama", "--demo", "NOT_A_RUN", "--out", "OUT"], "no demo.json"),
+        (["eval", "tiny:llama", "--demo", "NOT_A_RUN", "--out", "OUT"], "no prompt.json"),
         (["eval", "tiny:llama", "--sts", "lee:devv", "--out", "OUT"], "Did you mean 'lee:dev'"),
     ],
 )  # fmt: skip

@@ -21,7 +21,7 @@ from optlab.core.run import Run, atomic_write
 from optlab.embed.baseline import BaselineConfig, minilm_encoder
 from optlab.embed.contrastive import ContrastiveConfig, train_contrastive
 from optlab.embed.demos import SelectDemoConfig, demo_scores, read_candidates
-from optlab.embed.prompteol import DEMO_FILE, TEMPLATE, Embedder, PromptEOLConfig
+from optlab.embed.prompteol import TEMPLATE, Embedder, PromptEOLConfig
 from optlab.embed.sts import STSEval, sts_pairs, sts_spearman
 from optlab.embed.transfer import TransferEval, check_folds, classification_set, cross_val_accuracy
 from optlab.embed.triplets import TripletData
@@ -175,8 +175,8 @@ def embed_select_demo(
 ) -> Result:
     """Choose the in-context demonstration for ``model``: every (sentence, word) candidate
     (``select.candidates``, or ``candidates`` given in Python) is scored by the mean dev
-    Spearman x100 of its prompt, the plain template too; the best is saved as ``demo.json``
-    in the run (``--demo RUN`` then uses it) and ``candidates`` lists every score.
+    Spearman x100 of its prompt, the plain template too; the best is saved as the run's
+    ``prompt.json`` (``--demo RUN`` then uses it) and ``candidates`` lists every score.
 
     >>> result = embed_select_demo(load_model("tiny:llama"),
     ...     SelectDemoConfig(dev=("wordsim353:dev",)),
@@ -210,7 +210,8 @@ def embed_select_demo(
         if best["spearman"] <= plain["spearman"]:
             log.warning("no candidate beats the plain template on the dev sets")
         if run is not None:
-            demo["file"] = str(run.save_json(DEMO_FILE, demo))
+            chosen = replace(config, demo=f"{best['sentence']}=>{best['word']}")
+            demo["file"] = str(run.path / chosen.save(run.dir).name)
         return {"model": lm.spec, "demo": demo, "plain": plain, "dev": list(select.dev),
                 "candidates": scored}  # fmt: skip
 

@@ -42,9 +42,6 @@ PRESETS: dict[str, tuple[str, str]] = {
 }
 
 
-DEMO_FILE = "demo.json"  # what `optlab embed select-demo` saves in its run
-
-
 def one_word_demo(sentence: str, word: str, where: str) -> tuple[str, str]:
     """A (sentence, word) demonstration, stripped; ``where`` names its source in errors."""
     sentence, word = sentence.strip(), word.strip()
@@ -53,24 +50,44 @@ def one_word_demo(sentence: str, word: str, where: str) -> tuple[str, str]:
     return sentence, word
 
 
+def prompt_file(spec: str | Path) -> Path | None:
+    """The ``prompt.json`` of a run (in it or in its ``model/``), a folder, or the file itself."""
+    path = Path(spec).expanduser()
+    for file in (path / "model" / PROMPT_FILE, path / PROMPT_FILE, path):
+        if file.is_file() and file.name == PROMPT_FILE:
+            return file
+    return None
+
+
 @lru_cache(maxsize=16)
-def _demo_file(path: Path, modified: int) -> tuple[str, str]:
-    where = f"--demo {str(path)!r}"
-    saved = read_json_object(path, "--demo file")
-    if not all(isinstance(saved.get(k), str) for k in ("sentence", "word")):
-        raise OptlabError(f"{where}: expected an object with 'sentence' and 'word' strings")
-    return one_word_demo(saved["sentence"], saved["word"], where)
+def _saved_prompt(path: Path, modified: int) -> tuple[tuple[str, str] | None, bool]:
+    """(demonstration, preprocess) of a ``prompt.json``, read once per version of the file:
+    prompts are built per sentence."""
+    record = read_json_object(path, "prompt file")
+    try:
+        template, demo = record["template"], record["demo"]
+        pair = None if demo is None else one_word_demo(demo["sentence"], demo["word"], str(path))
+    except (KeyError, TypeError, AttributeError) as err:
+        raise OptlabError(f"{path} is damaged ({type(err).__name__}: {err})") from None
+    require(template == TEMPLATE, f"{path}: template {template!r} is not PromptEOL's "
+            f"{TEMPLATE!r}, the only one optlab embeds with")  # fmt: skip
+    return pair, bool(record.get("preprocess", True))
 
 
-def read_demo(path: str | Path) -> tuple[str, str]:
-    """The demonstration saved by ``select-demo``: its run folder or the ``demo.json`` in it
-    (read once per version of the file: prompts are built per sentence)."""
-    file = Path(path).expanduser()
-    file = file / DEMO_FILE if file.is_dir() else file
-    if not file.is_file():
-        raise OptlabError(f"--demo {str(path)!r}: no {DEMO_FILE} there (give a select-demo "
-                          "run folder, a preset or 'SENTENCE=>WORD')")  # fmt: skip
-    return _demo_file(file.resolve(), file.stat().st_mtime_ns)
+def read_prompt(spec: str | Path) -> tuple[tuple[str, str] | None, bool] | None:
+    """(demonstration, preprocess) saved in a run or folder's ``prompt.json``, if it has one."""
+    file = prompt_file(spec)
+    return None if file is None else _saved_prompt(file.resolve(), file.stat().st_mtime_ns)
+
+
+def read_demo(spec: str | Path) -> tuple[str, str]:
+    """The demonstration saved in a run (``select-demo``'s, or a trained model's prompt)."""
+    saved = read_prompt(spec)
+    if saved is None or saved[0] is None:
+        what = f"no {PROMPT_FILE}" if saved is None else f"its {PROMPT_FILE} has no demonstration"
+        raise OptlabError(f"--demo {str(spec)!r}: {what} (give a select-demo run folder, a "
+                          "preset or 'SENTENCE=>WORD')")  # fmt: skip
+    return saved[0]
 
 
 def preprocess(sentence: str) -> str:
@@ -131,22 +148,11 @@ class PromptEOLConfig:
     @classmethod
     def saved(cls, spec: str | Path) -> PromptEOLConfig | None:
         """The prompt a model folder or run was saved with (its ``prompt.json``), if any."""
-        folder = Path(spec)
-        if (folder / "model" / PROMPT_FILE).is_file():
-            folder = folder / "model"
-        path = folder / PROMPT_FILE
-        if not path.is_file():
+        saved = read_prompt(spec)
+        if saved is None:
             return None
-        record = read_json_object(path, "prompt file")
-        try:
-            template, demo = record["template"], record["demo"]
-            config = cls(demo=None if demo is None else f"{demo['sentence']}=>{demo['word']}",
-                         preprocess=bool(record.get("preprocess", True)))  # fmt: skip
-        except (KeyError, TypeError) as err:
-            raise OptlabError(f"{path} is damaged ({type(err).__name__}: {err})") from None
-        require(template == TEMPLATE, f"{path}: template {template!r} is not PromptEOL's "
-                f"{TEMPLATE!r}, the only one optlab embeds with")  # fmt: skip
-        return config
+        demo, preprocess = saved
+        return cls(demo=None if demo is None else "=>".join(demo), preprocess=preprocess)
 
     def prompt(self, sentence: str) -> str:
         """The full prompt of one sentence (demonstration first, with no separator)."""
