@@ -304,6 +304,8 @@ def test_quantize_format_gguf_writes_the_allocation_within_the_budget(tmp_path) 
     again = load_model(str(tmp_path / "g"))
     assert evaluation.measure(again, 32, False)["perplexity"] == pytest.approx(
         result["perplexity_after"]["perplexity"], rel=1e-4)  # fmt: skip
+    with pytest.raises(OptlabError, match="written already"):
+        export(tmp_path / "g", out=tmp_path / "again.gguf", progress=False)
     with pytest.raises(OptlabError, match="byte budget"):
         quantize_api("tiny:llama", UniformConfig(uniform=4),
                      storage=StorageConfig(format="gguf"), progress=False)  # fmt: skip

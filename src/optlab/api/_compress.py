@@ -14,7 +14,7 @@ from optlab.core.calibration import Calibration
 from optlab.core.files import read_json_object
 from optlab.core.job import Result
 from optlab.core.layerwise import batched
-from optlab.core.models import LoadedModel, load_model, require_finite_weights
+from optlab.core.models import GGUF_RUN_FILE, LoadedModel, load_model, require_finite_weights
 from optlab.core.run import Run, peak_memory_gb
 from optlab.errors import OptlabError
 from optlab.eval.perplexity import PerplexityEval
@@ -275,6 +275,9 @@ def export(
     'llama'
     """
     config = config or ExportConfig()
+    if not isinstance(model, LoadedModel) and (Path(model) / GGUF_RUN_FILE).is_file():
+        raise OptlabError(f"{str(model)!r} is a `quantize --format gguf` run: its file is "
+                          f"{Path(model) / GGUF_RUN_FILE}, written already")  # fmt: skip
     lm = resolve_model(model)
     summary = export_gguf(lm, config, out, force=force, progress=progress)
     log.info("wrote %s: %.3f MB, %.3f bits per parameter", summary["file"],
