@@ -29,6 +29,7 @@ from optlab.embed.triplets import TripletData
 from optlab.eval.perplexity import PerplexityEval
 from optlab.eval.tasks import TaskEval
 from optlab.pruning.pruner import WandaConfig
+from optlab.quant.gguf_export import ExportConfig
 from optlab.quant.quantize import RTNConfig, StorageConfig, TDMPQConfig
 from optlab.retraining.perp import PerpConfig
 from optlab.retrieve.pipeline import RetrievalEval
@@ -128,7 +129,12 @@ register_command(Command(
     "weights\n(int8, two 4-bit per byte, dense 3/2-bit) with fp16 scales and uint8 zero "
     "points, and\nwrite a run: model/ (reload with `optlab eval RUN`), sensitivity.json, "
     "bits.json,\nsensitivity.png, metrics.json (perplexity before/after, size vs FP16).\n"
-    "Allocation (exactly one): --avg-bits B | --max-size MB | --tiers 16,8,4 | --uniform B",
+    "Allocation (exactly one): --avg-bits B | --max-size MB | --tiers 16,8,4 | --uniform B\n"
+    "--format gguf: the run holds model.gguf instead, each unit at a GGUF type of\n"
+    "--gguf-types (Q8_0 8.5, Q5_1 6, Q5_0 5.5, Q4_1 5, Q4_0 4.5 bits per weight, scales\n"
+    "included) so that the whole file (metadata, embeddings, norms counted) is at most\n"
+    "--max-size MB or --avg-bits B per parameter; layers are rounded by their type, so the\n"
+    "perplexity reported is the file's.",
     inputs=(MODEL,),
     sections=(
         Section("sensitivity", TDMPQConfig(), "sensitivity", family="sensitivity",
@@ -144,7 +150,36 @@ register_command(Command(
         Section("eval", PerplexityEval(), "evaluation"),
     ),
     run=_quantize,
-    examples=("optlab quantize default --sensitivity tdmpq --avg-bits 4.5 --out runs/q45",),
+    examples=("optlab quantize default --sensitivity tdmpq --avg-bits 4.5 --out runs/q45",
+              "optlab quantize default --format gguf --max-size 110 --out runs/g110"),
+))  # fmt: skip
+
+
+def _export(job: Job, *, out: str | Path | None, force: bool, progress: bool) -> Result:
+    if out is None:
+        raise api.OptlabError("export writes one file: give it as --out FILE.gguf")
+    return api.export(_load(job), job.configs["export"], out=out, force=force,
+                      progress=progress)  # fmt: skip
+
+
+register_command(Command(
+    name="export",
+    help="write a model or run as one GGUF file (llama.cpp, Ollama, LM Studio)",
+    description="Write MODEL_OR_RUN (dense, pruned, or a quantize run) as a GGUF file with\n"
+    "llama.cpp's tensor names, hyperparameters, tokenizer and chat template. Float block\n"
+    "linears take --type (f16); a quantize run's packed layers keep their width (<= 4 bits:\n"
+    "Q4_1 blocks holding the same codes, exact up to the fp16 rounding of -z*s; 8 bits:\n"
+    "re-rounded to Q8_0); embeddings and the output head take --embed-type (q8_0); norms\n"
+    "and biases F32. Families: llama (SmolLM2), qwen2, gemma3, gpt2, gpt_neox; OPT is\n"
+    "refused (llama.cpp has no OPT architecture). An existing --out needs --force, and\n"
+    "only a GGUF file is ever replaced. Run the file: llama-cli -m FILE.gguf, or\n"
+    "AutoModelForCausalLM.from_pretrained(folder, gguf_file=NAME) in transformers.",
+    inputs=(MODEL_OR_RUN,),
+    sections=(Section("export", ExportConfig(), "export"),),
+    run=_export,
+    out="file",
+    examples=("optlab export default --type q8_0 --out smollm2-q8_0.gguf",
+              "optlab export runs/q4 --out smollm2-mixed.gguf"),
 ))  # fmt: skip
 
 

@@ -53,6 +53,7 @@ def command_args(tmp: Path, prune_run: Path, uprise: Path) -> dict[str, list[obj
         "prune": ["prune", "tiny:opt", "--method", "magnitude", "--no-eval"],
         "retrain": ["retrain", prune_run, "--steps", "1", "--no-eval"],
         "quantize": ["quantize", "tiny:opt", "--uniform", "8", "--no-eval"],
+        "export": ["export", "tiny:llama"],
         "unlearn": ["unlearn", "tiny:opt", *data, "--no-save"],
         "unlearn sweep": ["unlearn", "sweep", "tiny:opt", "--methods", "ga", "--seeds", "0", *data],
         "audit skeb": ["audit", "skeb", "tiny:opt", "--limit", "1"],
@@ -93,7 +94,7 @@ def _uprise(request: pytest.FixtureRequest, command: str) -> Path:
     return Path("no-retrieve-run")
 
 
-COMMANDS = ["info", "eval", "prune", "retrain", "quantize", "unlearn", "unlearn sweep",
+COMMANDS = ["info", "eval", "prune", "retrain", "quantize", "export", "unlearn", "unlearn sweep",
             "audit skeb", "audit reliability", "audit graph", "run", "rerun", "demo",
             "embed encode", "embed eval", "embed select-demo", "embed train", "exit train",
             "exit generate", "exit policy", "exit bench", "retrieve score", "retrieve train",
@@ -109,6 +110,7 @@ BAD_VALUES: dict[str, tuple[list[str], list[str]]] = {
     "prune": (["--sparsity", "half"], ["--sparsity", "'half'"]),
     "retrain": (["--steps", "1.5"], ["--steps", "'1.5'"]),
     "quantize": (["--avg-bits", "four"], ["--avg-bits", "'four'"]),
+    "export": (["--type", "q4_k"], ["--type", "'q4_k'"]),
     "unlearn": (["--lr", "fast"], ["--lr", "'fast'"]),
     "unlearn sweep": (["--seeds", "a,b"], ["--seeds", "'a'"]),
     "audit skeb": (["--limit", "-3"], ["limit", "-3"]),  # checked by its config: the field
@@ -134,6 +136,8 @@ BAD_VALUES: dict[str, tuple[list[str], list[str]]] = {
 def _out(tmp: Path, command: str) -> list[object]:
     if command == "embed encode":  # it writes one .npy file, not a run directory
         return ["--out", tmp / "o.npy"]
+    if command == "export":  # one .gguf file
+        return ["--out", tmp / "o.gguf"]
     return [] if command == "info" else ["--out", tmp / "o"]
 
 

@@ -16,7 +16,7 @@ harness (:func:`optlab.core.run.execute`) whose ``config.yaml`` replays it
 
 from optlab.api._audits import audit_graph, audit_reliability, audit_skeb
 from optlab.api._base import rerun, resolve_model
-from optlab.api._compress import QUANT_CALIB, prune, quantize, retrain
+from optlab.api._compress import QUANT_CALIB, export, prune, quantize, retrain
 from optlab.api._early_exit import exit_bench, exit_generate, exit_train
 from optlab.api._embed import embed_encode, embed_eval, embed_select_demo, embed_train
 from optlab.api._evaluation import describe_model, evaluate, info
@@ -55,6 +55,7 @@ from optlab.eval.perplexity import PerplexityEval, perplexity
 from optlab.eval.scorer import Scorer
 from optlab.eval.tasks import TaskEval, get_task, run_tasks
 from optlab.pruning.pruner import MagnitudeConfig, SparseGPTConfig, WandaConfig
+from optlab.quant.gguf_export import ExportConfig
 from optlab.quant.quantize import (
     AvgBitsConfig,
     CMPQConfig,
@@ -95,6 +96,7 @@ __all__ = [
     "EvalConfig",
     "Example",
     "ExitTrainConfig",
+    "ExportConfig",
     "GPTQConfig",
     "GenerateConfig",
     "GraphConfig",
@@ -147,6 +149,7 @@ __all__ = [
     "exit_generate",
     "exit_policy",
     "exit_train",
+    "export",
     "get_task",
     "info",
     "load_model",

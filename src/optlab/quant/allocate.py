@@ -40,21 +40,22 @@ def parse_widths(text: str | Sequence[int]) -> tuple[int, ...]:
     return tuple(sorted(widths, reverse=True))
 
 
-def protected(score: float, bits: int, lowest: int) -> float:
+def protected(score: float, bits: float, lowest: float) -> float:
     return score * (1 - 2.0 ** -(bits - lowest))
 
 
 def allocate_budget(
     scores: dict[str, float],
-    cost: Callable[[str, int], float] | dict[str, int],
-    widths: Sequence[int],
+    cost: Callable[[str, float], float] | dict[str, int],
+    widths: Sequence[float],
     budget: float,
     *,
     resolution: int = 4000,
-) -> dict[str, int]:
+) -> dict[str, float]:
     """Widths maximising sum_u value_u(b_u) subject to sum_u cost_u(b_u) <= budget.
 
     ``cost`` is ``cost(unit, bits)`` or a dict of weight counts (then cost = count x bits).
+    Widths may be fractional: a GGUF type's bits per weight, its block scales included.
     Raises ``OptlabError`` when even the lowest width everywhere exceeds the budget.
     """
     if isinstance(cost, dict):

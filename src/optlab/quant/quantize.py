@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -31,7 +32,7 @@ from optlab.core.config import (
     require_positive,
 )
 from optlab.core.files import read_json_object
-from optlab.core.models import LoadedModel, require_finite_weights
+from optlab.core.models import GGUF_RUN_FILE, LoadedModel, require_finite_weights
 from optlab.errors import OptlabError, did_you_mean
 from optlab.quant.allocate import (
     allocate_budget,
@@ -41,6 +42,9 @@ from optlab.quant.allocate import (
 )
 from optlab.quant.apply import quantize_gptq_model, quantize_rtn_model, round_rest
 from optlab.quant.embedding import quantize_embeddings
+from optlab.quant.gguf_export import GGUFPlan
+from optlab.quant.gguf_types import LADDER, bits_per_weight, decode, encode, gguf_type
+from optlab.quant.gguf_types import TYPES as GGUF_TYPES
 from optlab.quant.linear import QuantLinear, quantized_bytes
 from optlab.quant.quantizer import check_bits, resolve_group_size
 from optlab.quant.sensitivity import sensitivities, sensitivity_units
@@ -133,8 +137,9 @@ def _check_widths(widths: str) -> None:
 class AvgBitsConfig:
     """At most ``avg_bits`` bits per targeted weight on average, solved as a knapsack."""
 
-    avg_bits: float | None = option(None, "average bits per targeted weight", flag="--avg-bits",
-                                    metavar="B")  # fmt: skip
+    avg_bits: float | None = option(None, "average bits per targeted weight (--format gguf: "
+                                    "file bits per parameter, everything counted)",
+                                    flag="--avg-bits", metavar="B")  # fmt: skip
     widths: str = option("16,8,4", WIDTHS_HELP)
 
     def __post_init__(self) -> None:
@@ -156,9 +161,10 @@ class AvgBitsConfig:
 @configurable("max-size")
 @dataclass(frozen=True)
 class MaxSizeConfig:
-    """The written ``model.safetensors`` at most ``max_size_mb`` MB (10^6 bytes)."""
+    """The written model file (``model.safetensors``, or ``model.gguf`` with ``--format
+    gguf``) at most ``max_size_mb`` MB (10^6 bytes)."""
 
-    max_size_mb: float | None = option(None, "model.safetensors at most MB (10^6 bytes)",
+    max_size_mb: float | None = option(None, "the model file at most MB (10^6 bytes)",
                                        flag="--max-size", metavar="MB")  # fmt: skip
     widths: str = option("16,8,4", WIDTHS_HELP)
 
@@ -249,23 +255,59 @@ METHODS.register("quantizer", GPTQConfig, "GPTQ error compensation (Frantar et a
 @configurable("storage")
 @dataclass(frozen=True)
 class StorageConfig:
-    """How the rest of the model is stored."""
+    """How the model is stored: optlab's packed safetensors, or a GGUF file."""
 
-    rest_dtype: str = option("float16", "storage of unquantized tensors",
+    rest_dtype: str = option("float16", "storage of unquantized tensors (optlab format)",
                              choices=tuple(REST_DTYPES))  # fmt: skip
     embed_bits: int | None = option(None, "also pack embeddings + LM head at 8/4/3/2 bits "
-                                    "(default fp16)", metavar="B")  # fmt: skip
+                                    "(optlab format; default fp16)", metavar="B")  # fmt: skip
+    format: str = option("optlab", "the run's model: optlab (packed model/) or gguf (one "
+                         "model.gguf; the allocation picks GGUF types under a byte budget)",
+                         choices=("optlab", "gguf"))  # fmt: skip
+    gguf_types: str = option(",".join(LADDER), "with --format gguf: the GGUF types a unit may "
+                             "get", metavar="T1,T2,...")  # fmt: skip
+    embed_type: str = option("q8_0", "with --format gguf: the embeddings' and head's type",
+                             choices=tuple(GGUF_TYPES))  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.rest_dtype not in REST_DTYPES:
             raise did_you_mean("rest dtype", self.rest_dtype, REST_DTYPES)
         if self.embed_bits is not None:
             check_bits(self.embed_bits)
+        if self.format not in ("optlab", "gguf"):
+            raise did_you_mean("storage format", self.format, ("optlab", "gguf"))
+        gguf_ladder(self.gguf_types)
+        gguf_type(self.embed_type)
+        require(self.format == "optlab" or self.embed_bits is None,
+                "--embed-bits packs optlab's format; with --format gguf: --embed-type")  # fmt: skip
+
+
+def gguf_ladder(text: str) -> tuple[str, ...]:
+    """``"q8_0,q4_1"`` -> the GGUF types, widest first (distinct sizes: a unit's bits per
+    weight name its type)."""
+    names = [t.strip().lower() for t in str(text).split(",") if t.strip()]
+    for name in names:
+        gguf_type(name)
+    sizes = [bits_per_weight(n) for n in names]
+    if not names or len(set(sizes)) != len(sizes):
+        raise OptlabError(f"bad --gguf-types {text!r}: distinct GGUF types of distinct sizes, "
+                          f"e.g. {','.join(LADDER)}")  # fmt: skip
+    return tuple(sorted(names, key=bits_per_weight, reverse=True))
 
 
 def error_bits(allocation: AllocationConfig) -> int:
     """The lowest candidate width: tdmpq scores each unit's error at it."""
     return min(parse_widths(allocation.widths))
+
+
+def gguf_rounder(name: str) -> Any:
+    """w -> the weight GGUF type ``name`` stores (its reference rounding, then decoded)."""
+
+    def rounded(weight: torch.Tensor) -> torch.Tensor:
+        values = decode(encode(weight, name), name).reshape(weight.shape)
+        return torch.from_numpy(values).to(weight.device)
+
+    return rounded
 
 
 def score_settings(
@@ -275,10 +317,13 @@ def score_settings(
     calib: Calibration | torch.Tensor,
     seed: int,
     model: str,
+    storage: StorageConfig | None = None,
 ) -> dict[str, Any]:
     """Everything a sensitivity score depends on: reused scores must match it."""
     own = sensitivity.own_settings()
-    if isinstance(sensitivity, TDMPQConfig):
+    if isinstance(sensitivity, TDMPQConfig) and storage is not None and storage.format == "gguf":
+        own = {"error_type": gguf_ladder(storage.gguf_types)[-1]}
+    elif isinstance(sensitivity, TDMPQConfig):
         own = {"error_bits": error_bits(allocation), "group_size": quantizer.group_size}
     if isinstance(calib, torch.Tensor):  # windows given in Python: only their shape is known
         data = {"calib": "given in Python", "n_calib": calib.shape[0], "seq_len": calib.shape[1]}
@@ -386,6 +431,112 @@ def rest_bytes(model: nn.Module, skip: set[str], dtype: torch.dtype | None) -> i
     return total
 
 
+def check_gguf_format(
+    allocation: AllocationConfig, quantizer: QuantizerConfig, storage: StorageConfig
+) -> None:
+    """Refuse, before any work, what ``--format gguf`` cannot do."""
+    if storage.format != "gguf":
+        return
+    if not isinstance(allocation, AvgBitsConfig | MaxSizeConfig):
+        raise OptlabError("--format gguf allocates GGUF types under a byte budget: give "
+                          "--max-size MB or --avg-bits B (for one type everywhere: optlab "
+                          "export --type T)")  # fmt: skip
+    if allocation.widths != AvgBitsConfig.widths:
+        raise OptlabError("--widths are optlab's packed widths; with --format gguf give the "
+                          f"types as --gguf-types, e.g. {','.join(LADDER)}")  # fmt: skip
+    if isinstance(quantizer, GPTQConfig):
+        raise OptlabError("--format gguf rounds each layer by its GGUF type's own rule; "
+                          "GPTQ compensation is for optlab's format")  # fmt: skip
+
+
+def gguf_budget(plan: GGUFPlan, allocation: AllocationConfig) -> int:
+    """The file's byte budget: --max-size MB, or --avg-bits B per parameter (all tensors)."""
+    if isinstance(allocation, MaxSizeConfig):
+        return int(float(allocation.max_size_mb) * 1e6)  # type: ignore[arg-type]
+    parameters = sum(int(np.prod(slot.shape)) for slot in plan.slots)
+    return int(float(allocation.avg_bits) * parameters / 8)  # type: ignore[arg-type]
+
+
+def allocate_gguf(
+    plan: GGUFPlan,
+    units: dict[str, list[str]],
+    scores: dict[str, float],
+    ladder: tuple[str, ...],
+    max_bytes: int,
+) -> dict[str, str]:
+    """A GGUF type per unit so that the whole file is at most ``max_bytes``: the knapsack of
+    :func:`allocate_budget` over the types' bits per weight, costed in the file's own bytes
+    (blocks, padding, metadata and every other tensor included)."""
+    slot_of = {slot.key.removesuffix(".weight"): slot for slot in plan.slots}
+    members = {name for names in units.values() for name in names}
+    fixed = plan.fixed_bytes() + sum(plan.tensor_bytes(s) for n, s in slot_of.items()
+                                     if n not in members)  # fmt: skip
+    type_of = {bits_per_weight(t): t for t in ladder}
+
+    def cost(unit: str, bpw: float) -> float:
+        return sum(plan.tensor_bytes(slot_of[name], type_of[bpw]) for name in units[unit])
+
+    smallest = fixed + sum(cost(u, min(type_of)) for u in units)
+    if max_bytes < smallest:
+        raise OptlabError(f"a {max_bytes / 1e6:.6f} MB budget is below the smallest file, "
+                          f"{smallest / 1e6:.6f} MB (every unit at {ladder[-1]}; metadata, "
+                          "embeddings and norms take {:.6f} MB): raise the budget or give "
+                          "smaller --gguf-types / --embed-type".format(fixed / 1e6))  # fmt: skip
+    chosen = allocate_budget(scores, cost, list(type_of), max_bytes - fixed)
+    return {unit: type_of[bpw] for unit, bpw in chosen.items()}
+
+
+def quantize_gguf(
+    lm: LoadedModel,
+    allocation: AllocationConfig,
+    sensitivity: SensitivityConfig,
+    storage: StorageConfig,
+    *,
+    windows: list[torch.Tensor] | None = None,
+    scores: dict[str, float] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score units, give each a GGUF type under the file's byte budget, and round every
+    tensor as the file stores it (the model then computes exactly what the file holds)."""
+    model = lm.model
+    start = time.perf_counter()
+    ladder = gguf_ladder(storage.gguf_types)
+    units = sensitivity_units(model, sensitivity.granularity)
+    if scores is None:
+        if windows is None:
+            raise OptlabError(f"{sensitivity.TYPE} sensitivities need calibration windows")
+        log.info("scoring %d units with %s", len(units), sensitivity.TYPE)
+        scores = sensitivities(model, sensitivity.TYPE, windows, units,
+                               rounder=gguf_rounder(ladder[-1]),
+                               **sensitivity.own_settings())  # fmt: skip
+    plan = GGUFPlan(lm, embed_type=storage.embed_type)
+    max_bytes = gguf_budget(plan, allocation)
+    unit_types = allocate_gguf(plan, units, scores, ladder, max_bytes)
+    linear_types = {name: unit_types[u] for u, names in units.items() for name in names}
+    sensitivity_seconds = time.perf_counter() - start
+    plan = GGUFPlan(lm, embed_type=storage.embed_type, linear_types=linear_types)
+    plan.encode(apply=True, progress=progress)
+    counts = {name: _shape(model, name)[0] * _shape(model, name)[1] for name in linear_types}
+    weights = sum(counts.values())
+    stored_bits = sum(counts[n] * bits_per_weight(t) for n, t in linear_types.items())
+    return {
+        "sensitivity": scores,
+        "unit_bits": {u: bits_per_weight(t) for u, t in unit_types.items()},
+        "unit_types": unit_types,
+        "linear_types": linear_types,
+        "linear_bits": {n: bits_per_weight(t) for n, t in linear_types.items()},
+        "avg_bits": stored_bits / weights,  # a GGUF type's size includes its scales
+        "effective_bits": stored_bits / weights,
+        "budget_bytes": max_bytes,
+        "predicted_file_bytes": plan.predicted_bytes(),
+        "kernels": {},
+        "embeddings": None,
+        "plan": plan,
+        "sensitivity_seconds": sensitivity_seconds,
+        "quantize_seconds": time.perf_counter() - start - sensitivity_seconds,
+    }
+
+
 def quantize(
     lm: LoadedModel,
     allocation: AllocationConfig,
@@ -407,6 +558,10 @@ def quantize(
     storage = storage or StorageConfig()
     model = lm.model
     require_finite_weights(model, "quantize")  # NaN sensitivities would misallocate bits
+    if storage.format == "gguf":
+        check_gguf_format(allocation, quantizer, storage)
+        return quantize_gguf(lm, allocation, sensitivity, storage, windows=windows,
+                             scores=scores, progress=progress)  # fmt: skip
     start = time.perf_counter()
     units = sensitivity_units(model, sensitivity.granularity)
     if scores is None and not isinstance(allocation, UniformConfig):
@@ -497,18 +652,25 @@ def save_run(
     method: str | None,
     granularity: str,
 ) -> dict[str, Any]:
-    """Write the packed model, sensitivity.json, bits.json and the plot; return the size
-    metrics (real file bytes, compression against fp16)."""
-    save_quantized(lm, run_dir / "model", result["linear_bits"], quantizer.group_size,
-                   REST_DTYPES[storage.rest_dtype], result["embeddings"])  # fmt: skip
-    file_bytes = (run_dir / "model" / WEIGHTS).stat().st_size
+    """Write the model (packed ``model/``, or ``model.gguf``), sensitivity.json, bits.json
+    and the plot; return the size metrics (real file bytes, compression against fp16)."""
+    if storage.format == "gguf":
+        result["plan"].write(run_dir / GGUF_RUN_FILE, progress=False)
+        file_bytes = (run_dir / GGUF_RUN_FILE).stat().st_size
+        if file_bytes != result["predicted_file_bytes"]:
+            raise RuntimeError(f"wrote {file_bytes} bytes, the allocation predicted "
+                               f"{result['predicted_file_bytes']}")  # fmt: skip
+    else:
+        save_quantized(lm, run_dir / "model", result["linear_bits"], quantizer.group_size,
+                       REST_DTYPES[storage.rest_dtype], result["embeddings"])  # fmt: skip
+        file_bytes = (run_dir / "model" / WEIGHTS).stat().st_size
     (run_dir / "sensitivity.json").write_text(json.dumps(
         {"method": method, "granularity": granularity, "settings": settings,
          "scores": result["sensitivity"]}, indent=2) + "\n")  # fmt: skip
-    (run_dir / "bits.json").write_text(
-        json.dumps({"units": result["unit_bits"], "linears": result["linear_bits"]}, indent=2)
-        + "\n"
-    )
+    widths = {"units": result["unit_bits"], "linears": result["linear_bits"]}
+    if storage.format == "gguf":  # the types, and their bits per weight
+        widths |= {"unit_types": result["unit_types"], "linear_types": result["linear_types"]}
+    (run_dir / "bits.json").write_text(json.dumps(widths, indent=2) + "\n")
     plot_sensitivity(run_dir / "sensitivity.png", result["sensitivity"], result["unit_bits"])
     return {"file_bytes": file_bytes, "file_mb": file_bytes / 1e6}
 

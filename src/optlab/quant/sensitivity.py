@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -156,14 +156,19 @@ def tdmpq_scores(
     units: dict[str, list[str]],
     bits: int,
     group_size: int | None,
+    rounder: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """|g . delta| + 1/2 mean_b (g_b . delta)^2 with delta the unit's RTN error at ``bits``."""
+    """|g . delta| + 1/2 mean_b (g_b . delta)^2 with delta the unit's RTN error at ``bits``
+    (or ``rounder(w) - w``: a GGUF type's own rounding)."""
     modules = dict(model.named_modules())
     names = [name for members in units.values() for name in members]
     deltas = []
     for name in tqdm(names, desc="tdmpq rounding errors", leave=False, disable=None):
         weight = weight_matrix(modules[name])
-        delta = quantize_rtn(weight, bits, group_size).dequantize(weight.dtype) - weight
+        if rounder is not None:
+            delta = rounder(weight).to(weight.dtype) - weight
+        else:
+            delta = quantize_rtn(weight, bits, group_size).dequantize(weight.dtype) - weight
         # Flat, fp32 and in the parameter's own layout (GPT-2's Conv1D stores in x out): each
         # g_b . delta is then one dot product with the gradient as autograd returns it.
         deltas.append(_as_matrix(modules[name], delta).float().contiguous().view(-1))
@@ -211,6 +216,7 @@ def sensitivities(
     group_size: int | None = 128,
     prune_fraction: float = 0.3,
     cca_dims: int = 8,
+    rounder: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Score every unit with ``method``; each score is finite, higher = more sensitive."""
     if method not in METHODS:
@@ -220,7 +226,7 @@ def sensitivities(
     elif method == "pmpq":
         scores = pmpq_scores(model, windows, units, prune_fraction)
     else:
-        scores = tdmpq_scores(model, windows, units, bits, group_size)
+        scores = tdmpq_scores(model, windows, units, bits, group_size, rounder)
     bad = [unit for unit, s in scores.items() if not math.isfinite(s)]
     if bad:
         raise OptlabError(f"{method} gave non-finite sensitivities for {', '.join(bad)}")
