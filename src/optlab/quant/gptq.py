@@ -80,6 +80,8 @@ def gptq_quantize(
     if static:  # every group's grid from the original (dead columns zeroed) weights
         fixed = quantize_rtn(W[:, torch.argsort(order)], bits, size)
         scales, zeros = fixed.scales, fixed.zeros
+        # each swept column's grid, looked up once rather than per column in the sweep
+        column_scale, column_zero = scales[:, group_of], zeros[:, group_of].float()
     else:
         scales = torch.empty(rows, groups, dtype=torch.float32, device=W.device)
         zeros = torch.empty(rows, groups, dtype=torch.uint8, device=W.device)
@@ -93,8 +95,7 @@ def gptq_quantize(
         for i in range(end - start):
             col = start + i
             if static:
-                g = int(group_of[col])
-                scale, zero = scales[:, g], zeros[:, g].float()
+                scale, zero = column_scale[:, col], column_zero[:, col]
             elif col % size == 0:
                 if size < cols:
                     scale, zero = grid(_group_now(W, W1, Err1, Hinv, start, i, size), bits)
