@@ -1,5 +1,6 @@
 """Whole-model quantization on tiny models of every family: real replacement, reload."""
 
+import pytest
 import torch
 
 from optlab.core.anatomy import weight_matrix
@@ -37,11 +38,13 @@ def _check_replaced_and_on_grid(model, bitmap, original) -> None:
             assert (distinct <= 2**bits).all()
 
 
-def test_gptq_model_is_really_quantized_and_reloads_identically(tiny, tmp_path) -> None:
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_model_is_really_quantized_and_reloads_identically(tiny, tmp_path, act_order) -> None:
     original = {n: weight_matrix(m).clone() for n, m in pruned_linears(tiny.model).items()}
     fp16_bytes = 2 * sum(p.numel() for p in tiny.model.parameters())
     bitmap = _bitmap(tiny.model)
-    quantize_gptq_model(tiny.model, bitmap, [random_ids(4, 24, seed=1)], 32, progress=False)
+    quantize_gptq_model(tiny.model, bitmap, [random_ids(4, 24, seed=1)], 32, act_order=act_order,
+                        progress=False)  # fmt: skip
     round_rest(tiny.model)
     _check_replaced_and_on_grid(tiny.model, bitmap, original)
     ids = random_ids(2, 24)

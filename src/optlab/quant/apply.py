@@ -51,6 +51,7 @@ def quantize_gptq_model(
     *,
     damp: float = 0.01,
     block_size: int = 128,
+    act_order: bool = False,
     progress: bool = True,
 ) -> None:
     """GPTQ layer by layer: each block's linears see the outputs of the already quantized
@@ -70,7 +71,8 @@ def quantize_gptq_model(
             ctx.run()
         for name, module in linears.items():
             qw = gptq_quantize(weight_matrix(module), stats[name].matrix, bitmap[prefix + name],
-                               group_size, block_size=block_size, damp=damp)  # fmt: skip
+                               group_size, block_size=block_size, damp=damp,
+                               act_order=act_order)  # fmt: skip
             replace_module(ctx.block, name, to_quant_linear(module, qw))
 
     run_layerwise(model, batches, on_block, progress=progress)

@@ -239,6 +239,9 @@ class GPTQConfig(_Grid):
 
     damp: float = option(0.01, "Hessian damping, a fraction of its mean diagonal")
     block_size: int = option(128, "columns rounded and compensated together")
+    act_order: bool = option(False, "round columns by decreasing Hessian diagonal (the "
+                             "official --act-order; with groups, their grids are fitted up "
+                             "front, as its --static-groups)")  # fmt: skip
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -582,7 +585,7 @@ def quantize(
             raise OptlabError("GPTQ needs calibration windows")
         quantize_gptq_model(model, linear_bits, windows, quantizer.group_size,
                             damp=quantizer.damp, block_size=quantizer.block_size,
-                            progress=progress)  # fmt: skip
+                            act_order=quantizer.act_order, progress=progress)  # fmt: skip
     else:
         quantize_rtn_model(model, linear_bits, quantizer.group_size)
     embeddings = None
