@@ -112,7 +112,8 @@ def row(*cells: object) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="default")
-    parser.add_argument("--configs", default=",".join(CONFIGS), help="packed runs to measure")
+    parser.add_argument("--configs", default=",".join(CONFIGS),
+                        help="packed runs to make and measure, or existing runs")  # fmt: skip
     parser.add_argument("--group-size", default="64")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompt", type=int, default=256, help="prefill tokens")
@@ -122,8 +123,8 @@ def main() -> None:
     args = parser.parse_args()
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     for config in configs:
-        if config not in CONFIGS:
-            sys.exit(f"unknown config {config!r}; choose from {', '.join(CONFIGS)}")
+        if config not in CONFIGS and not Path(config).is_dir():
+            sys.exit(f"unknown config {config!r}; choose from {', '.join(CONFIGS)} or a run")
     print(f"model {args.model}; {args.threads} threads on {args.device}; prefill {args.prompt} "
           f"tokens; greedy decoding of {args.new_tokens} tokens from 16, batch 1; best of "
           f"{args.repeats}; packed: uniform RTN 4 bits, groups of {args.group_size}\n")  # fmt: skip
@@ -135,9 +136,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="optlab-decode-") as work:
         for name in ["fp32", *configs]:
             path = args.model
-            if name != "fp32":
+            if name in CONFIGS:
                 path = str(Path(work) / name)
                 quantize(args.model, name, path, args.group_size)
+            elif name != "fp32":
+                path = name  # an existing run
             before = load_average()
             r = results[name] = measure(path, args)
             agree = ", ".join(f"{k} {v}/{args.new_tokens}" for k, v in r["agree"].items()

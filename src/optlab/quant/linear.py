@@ -1,25 +1,28 @@
 """``QuantLinear``: a linear layer that holds its weight packed (codes + fp16 scales + uint8
 zero points) and computes y = x W_hat^T + b.
 
-Which path a forward takes (:func:`select_kernel`; measured on torch 2.13, 2 CPU threads, a
-1536 x 576 layer at 4 bits, one input row):
+Which path a forward takes (:func:`select_kernel`). Measured with torch 2.13 on one CPU
+thread of the (heavily shared) development machine, a 1536 x 576 layer, one input row, best
+of 20 (fp32 ``F.linear``: 0.14 ms):
 
 * ``dequant`` (everywhere, and always for more than ``KERNEL_MAX_ROWS`` rows): unpack and
   rescale the weight, then ``F.linear``. Prefill and scoring take it (~100x faster than a
-  weight-only kernel at 4096 rows), and so does an eager decoding step on CPU: 1.4 ms there,
-  against 1.8 ms for ``aten._weight_int4pack_mm_for_cpu`` and 1.2 ms for the 8-bit
-  ``_weight_int8pack_mm`` on a 4x smaller layer (0.07-0.15 ms for the fp32 matrix): torch's
-  CPU weight-only kernels lose to dequantizing for every shape measured, so none is used.
-* ``matvec`` (CPU, inside ``torch.compile``, a few rows, groups dividing the row): the codes
-  are read at their own width and converted inside the compiled graph (what gpt-fast does on
-  GPUs). The layout is the transposed one, [groups, group_size / k, out] bytes with k codes a
-  byte (4-bit: two, 2-bit: four; 3 and 8 bits one), so the generated C++ loop vectorises over
-  output channels and reduces over the input without a horizontal sum per group: ~0.15 ms for
-  the layer above, and a 49152 x 576 LM head at 4 bits in a third of its fp32 time. Built by
-  :meth:`QuantLinear.prepare_decode` (the compiled decoder calls it), held beside ``packed``.
+  weight-only kernel at 4096 rows), and so does an eager decoding step on CPU: 1.3-1.5 ms at
+  4 bits, against 1.8-2.2 ms for ``aten._weight_int4pack_mm_for_cpu`` (and 1.2 ms for the
+  8-bit ``_weight_int8pack_mm``, 0.4 ms at 576 x 576 where fp32 takes 0.1 ms): torch's CPU
+  weight-only kernels do not beat dequantizing for one row, so none is used.
+* ``matvec`` (CPU or GPU, inside ``torch.compile``, a few rows, groups dividing the row): the
+  codes are read at their own width and converted inside the compiled graph (what gpt-fast
+  does on GPUs). The layout is the transposed one, [blocks, block / k, out] bytes with k
+  codes a byte (4-bit: two, 2-bit: four; 3 and 8 bits one), so the generated C++ loop
+  vectorises over output channels and reduces over the input without a horizontal sum per
+  group: 0.15 ms for the layer above (0.11 ms at 3 bits), a 49152 x 576 LM head at 8 bits
+  in 8.6 ms against fp32's 13.7 ms. Built by :meth:`QuantLinear.prepare_decode` (the
+  compiled decoder calls it) and held beside ``packed`` (as many bytes again at 4 bits).
 * ``tinygemm`` (CUDA, 4 bits, groups of 32-256 dividing the row, out_features a multiple of
   8): ``aten._weight_int4pack_mm``, torch's int4 GEMM, in bf16. Its dequantization is
-  (q - 8) * s + m, so m = (8 - z) * s.
+  (q - 8) * s + m, so m = (8 - z) * s. Not yet run on a GPU: benchmarks/decode_gpu.py checks
+  it there.
 
 ``kernel = "dequant"`` forces that path.
 
