@@ -80,13 +80,16 @@ register_command(Command(
     description="Evaluate MODEL (or the model of a run directory) on tasks:\n"
     "  ppl:wiki ppl:book ppl:code ppl:FILE.txt   perplexity, non-overlapping windows\n"
     "  mc:sentiment mc:analogy mc:FILE.jsonl     multiple-choice accuracy\n"
+    "  gen:facts                                 greedy completions (--compile: compiled\n"
+    "                                            one-token steps)\n"
     "  unlearn:RUN                               FA, RA, MIA, AUCs, ppl on an unlearn run's\n"
     "                                            data (--limit: samples, default 100)",
     inputs=(MODEL_OR_RUN,),
     sections=(Section("tasks", TaskEval(), "tasks"),),
     run=_eval,
     out="optional",
-    examples=("optlab eval default --tasks ppl:wiki --seq-len 512 --limit 40",),
+    examples=("optlab eval default --tasks ppl:wiki --seq-len 512 --limit 40",
+              "optlab eval runs/q4 --tasks gen:facts --compile   # compiled packed decoding"),
 ))  # fmt: skip
 
 

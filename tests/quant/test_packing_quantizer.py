@@ -8,7 +8,16 @@ import torch
 from optlab.core.stats import Hessian
 from optlab.errors import OptlabError
 from optlab.quant.gptq import gptq_quantize
-from optlab.quant.linear import KERNEL_MAX_ROWS, KeepDequantized, QuantLinear, quantized_bytes
+from optlab.quant.linear import (
+    KERNEL_MAX_ROWS,
+    KeepDequantized,
+    QuantLinear,
+    matvec,
+    quantized_bytes,
+    select_kernel,
+    tinygemm_pairs,
+    tinygemm_scales,
+)
 from optlab.quant.packing import pack, packed_row_bytes, unpack
 from optlab.quant.quantizer import (
     QuantizedWeight,
@@ -116,30 +125,75 @@ def test_gptq_with_an_identity_hessian_is_rtn() -> None:
 
 
 @pytest.mark.parametrize(
-    ("bits", "group", "out", "kernel"),
-    [(8, None, 48, "int8pack"), (4, 32, 48, "int4pack"), (4, 32, 40, "dequant"),
-     (4, 48, 48, "dequant"), (3, 32, 48, "dequant"), (2, None, 48, "dequant"),
-     (8, 32, 48, "dequant")],
+    ("bits", "group", "out", "compiled"),
+    [(8, None, 48, "matvec"), (4, 32, 48, "matvec"), (4, 32, 40, "matvec"),
+     (4, 48, 48, "matvec"), (3, 32, 48, "matvec"), (2, None, 48, "matvec"),
+     (8, 32, 48, "matvec"), (4, 64, 48, "dequant")],  # 64 does not divide 96: a short group
 )  # fmt: skip
-def test_quant_linear_kernels_agree_with_dequantize_then_matmul(bits, group, out, kernel) -> None:
+def test_quant_linear_kernels_agree_with_dequantize_then_matmul(bits, group, out, compiled) -> None:
+    """Eager CPU forwards dequantize; the compiled decoding kernel's arithmetic (``matvec``
+    over its transposed layout, run here eagerly: the same torch ops inductor fuses) gives the
+    dequantized product."""
     g = torch.Generator().manual_seed(bits)
     weight, bias = torch.randn(out, 96, generator=g), torch.randn(out, generator=g)
     qw = quantize_rtn(weight, bits, group)
     layer = QuantLinear.from_quantized(qw, bias)
-    assert layer.kernel_name() == kernel
-    assert layer.kernel_name(rows=KERNEL_MAX_ROWS + 1) == "dequant"  # prefill: dequantize
+    assert layer.kernel_name() == "dequant"  # eager
+    assert layer.kernel_name(compiled=True) == compiled
+    assert layer.kernel_name(rows=KERNEL_MAX_ROWS + 1, compiled=True) == "dequant"  # prefill
     x = torch.randn(2, KERNEL_MAX_ROWS // 2, 96, generator=g)
     reference = x @ qw.dequantize().T + bias
-    fast = layer(x)
-    many = torch.randn(3, KERNEL_MAX_ROWS, 96, generator=g)
-    torch.testing.assert_close(layer(many), many @ qw.dequantize().T + bias)
+    assert torch.allclose(layer(x), reference, atol=1e-5)
+    layer.prepare_decode()
+    if compiled == "matvec":
+        fast = matvec(x.reshape(-1, 96), *layer._cache["matvec"], bits).reshape(*x.shape[:-1], out)
+        assert torch.allclose(fast + bias, reference, atol=1e-4, rtol=1e-4)
+    else:
+        assert "matvec" not in layer._cache
     layer.kernel = "dequant"
-    slow = layer(x)
-    assert fast.shape == (2, KERNEL_MAX_ROWS // 2, out)
-    assert torch.allclose(slow, reference, atol=1e-5)
-    assert torch.allclose(fast, slow, atol=1e-3, rtol=1e-4)
+    assert layer.kernel_name(compiled=True) == "dequant"
     assert layer.storage_bytes() == quantized_bytes(out, 96, bits, qw.group_size)
     assert torch.equal(layer.codes(), qw.codes)
+
+
+@pytest.mark.parametrize(
+    ("bits", "group", "in_features", "out", "rows", "device", "compiled", "kernel"),
+    [(4, 64, 576, 1536, 1, "cpu", False, "dequant"),  # eager CPU: torch's int kernels lose
+     (4, 64, 576, 1536, 1, "cpu", True, "matvec"),
+     (4, 64, 576, 1536, KERNEL_MAX_ROWS, "cpu", True, "matvec"),
+     (4, 64, 576, 1536, KERNEL_MAX_ROWS + 1, "cpu", True, "dequant"),  # prefill
+     (4, 64, 576, 1536, 1, "cuda", False, "tinygemm"),  # int4 GEMM, eager or compiled
+     (4, 64, 576, 1536, 1, "cuda", True, "tinygemm"),
+     (4, 64, 576, 1536, KERNEL_MAX_ROWS + 1, "cuda", False, "dequant"),
+     (4, 576, 576, 1536, 1, "cuda", False, "dequant"),  # per channel: not a tinygemm group
+     (4, 576, 576, 1536, 1, "cuda", True, "matvec"),
+     (4, 64, 576, 1540, 1, "cuda", True, "matvec"),  # out not a multiple of 8
+     (4, 32, 96, 64, 1, "cuda", False, "tinygemm"),
+     (8, 576, 576, 1536, 1, "cuda", False, "dequant"),
+     (8, 576, 576, 1536, 1, "cuda", True, "matvec"),
+     (4, 64, 100, 64, 1, "cpu", True, "dequant"),  # a short last group
+     (4, 64, 576, 1536, 1, "mps", True, "dequant")],
+)  # fmt: skip
+def test_kernel_selection_per_shape_and_device(
+    bits, group, in_features, out, rows, device, compiled, kernel
+) -> None:
+    assert select_kernel(bits, group, in_features, out, rows=rows, device=device,
+                         compiled=compiled) == kernel  # fmt: skip
+
+
+def test_tinygemm_offsets_reproduce_the_asymmetric_grid() -> None:
+    """tinygemm dequantizes (q - 8) * s + m; with m = (8 - z) * s that is (q - z) * s. Its
+    weight is two codes a byte, the even column in the high nibble."""
+    g = torch.Generator().manual_seed(0)
+    qw = quantize_rtn(torch.randn(16, 64, generator=g), 4, 32)
+    scale_and_zero = tinygemm_scales(qw.scales.half(), qw.zeros)  # [groups, out, 2]
+    assert scale_and_zero.shape == (2, 16, 2) and scale_and_zero.dtype == torch.bfloat16
+    s, m = (scale_and_zero[..., i].float().T.repeat_interleave(32, 1) for i in (0, 1))
+    expected = qw.dequantize()
+    tolerance = 0.02 * expected.abs().max()  # bf16 scales
+    assert torch.allclose((qw.codes.float() - 8) * s + m, expected, atol=tolerance)
+    pairs = tinygemm_pairs(qw.codes)
+    assert torch.equal(pairs >> 4, qw.codes[:, ::2]) and torch.equal(pairs & 15, qw.codes[:, 1::2])
 
 
 def _rtn_one_group_at_a_time(weight: torch.Tensor, bits: int, size: int) -> QuantizedWeight:

@@ -74,7 +74,8 @@ def evaluate(
 
     def body(run: Run | None) -> dict[str, Any]:
         scorer = Scorer(lm, batch_size=tasks.batch_size, progress=progress,
-                        max_length=max(tasks.seq_len or 0, context_length(lm.model)))  # fmt: skip
+                        max_length=max(tasks.seq_len or 0, context_length(lm.model)),
+                        compile=tasks.compile)  # fmt: skip
         start = time.perf_counter()
         results = {}
         for name in tasks.tasks:

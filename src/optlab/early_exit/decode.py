@@ -40,6 +40,7 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from optlab.core.anatomy import Anatomy
+from optlab.core.decode import eos_ids
 from optlab.core.layerwise import _capture, call_block
 from optlab.core.models import LoadedModel
 from optlab.early_exit.exits import ExitRule
@@ -216,16 +217,6 @@ class Generation:
         return self.accepted / self.drafted if self.drafted else None
 
 
-def eos_ids(lm: LoadedModel) -> set[int]:
-    """The ids greedy ``generate`` stops at (the generation config's, else the tokenizer's)."""
-    eos = getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        eos = lm.tokenizer.eos_token_id
-    if eos is None:
-        return set()
-    return {int(e) for e in (eos if isinstance(eos, list | tuple) else [eos])}
-
-
 def _start(lm: LoadedModel, prompt: Sequence[int]) -> LayerStack:
     """A stack holding all but the prompt's last token (run through every layer): that last
     token is fed by the first step, so exit rules judge every generated token."""
@@ -253,7 +244,7 @@ def generate(
     if kv not in KV_MODES:
         raise OptlabError(f"--kv {kv!r}: choose copy or recompute")
     head = head or ExitHead(Anatomy.of(lm.model))
-    stop = eos_ids(lm)
+    stop = eos_ids(lm.model, lm.tokenizer)
     begin = time.perf_counter()
     stack = _start(lm, prompt)
     token, tokens, layers = prompt[-1], [], []
@@ -288,7 +279,7 @@ def speculate(
                           f"1..{num_layers - 1} (the model has {num_layers} layers)")  # fmt: skip
     if draft_tokens < 1:
         raise OptlabError(f"--draft-tokens must be at least 1, got {draft_tokens}")
-    stop = eos_ids(lm)
+    stop = eos_ids(lm.model, lm.tokenizer)
     begin = time.perf_counter()
     stack = _start(lm, prompt)
     token, tokens = prompt[-1], []

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from optlab.core.decode import eos_ids, greedy
 from optlab.core.models import LoadedModel
 from optlab.errors import OptlabError
 
@@ -82,8 +83,10 @@ class Scorer:
         batch_size: int = 8,
         max_length: int | None = None,
         progress: bool = True,
+        compile: bool = False,
     ) -> None:
         self.model = lm.model
+        self.compile = compile  # generate's one-token step through torch.compile
         self.tokenizer = lm.tokenizer
         self.batch_size = batch_size
         self.max_length = max_length or context_length(lm.model)
@@ -224,7 +227,9 @@ class Scorer:
         until: Sequence[str] | None = None,
         max_new_tokens: int = 64,
     ) -> list[str]:
-        """Greedy continuations of each prompt, cut before the first stop string in ``until``."""
+        """Greedy continuations of each prompt (:func:`optlab.core.decode.greedy`, compiled
+        if this scorer was made with ``compile=True``), cut before the first stop string in
+        ``until``."""
         outputs: list[str] = []
         tok = self.tokenizer
         # Prompt and new tokens share the positions: the prompt keeps its last `room` tokens.
@@ -239,21 +244,17 @@ class Scorer:
         ]
         for batch in tqdm(batches, desc="generate", disable=not self.progress or None, leave=False):
             encoded = [self.encode(p)[-room:] for p in batch]
-            width = max(len(e) for e in encoded)
             pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-            # Left padding, so every prompt ends where generation starts.
-            inputs = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
-            mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
-            generated = self.model.generate(
-                input_ids=inputs.to(self.device),
-                attention_mask=mask.to(self.device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad,
-                # Stop decoding once every row has a stop string (the text is cut below).
-                **({"stop_strings": list(until), "tokenizer": tok} if until else {}),
-            )
-            for row in generated[:, width:]:
+
+            def stopped(row: int, new: list[int]) -> bool:
+                # A row ends at a stop string in its continuation (the text is cut below).
+                text = tok.decode(new, skip_special_tokens=True)
+                return any(s in text for s in until or ())
+
+            generated = greedy(self.model, encoded, max_new_tokens, pad_id=pad,
+                               eos=eos_ids(self.model, tok), stop=stopped if until else None,
+                               compile=self.compile)  # fmt: skip
+            for row in generated:
                 text = tok.decode(row, skip_special_tokens=True)
                 for stop in until or ():
                     text = text.split(stop, 1)[0]

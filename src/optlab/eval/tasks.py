@@ -181,7 +181,8 @@ class TaskEval:
     """Which tasks to run and how much of each.
 
     >>> TaskEval(tasks=("ppl:wiki", "mc:sentiment"), limit=40, items=100, seq_len=512)
-    TaskEval(tasks=('ppl:wiki', 'mc:sentiment'), limit=40, items=100, seq_len=512, batch_size=8)
+    TaskEval(tasks=('ppl:wiki', 'mc:sentiment'), limit=40, items=100, seq_len=512, batch_size=8,
+             compile=False)
     """
 
     def limit_of(self, task: str) -> int | None:
@@ -196,6 +197,10 @@ class TaskEval:
                                "--limit)")  # fmt: skip
     seq_len: int | None = option(None, "perplexity window (default: the model's context)")
     batch_size: int = option(8, "sequences per forward pass")
+    compile: bool = option(False, "generation tasks: run the one-token decoding step through "
+                           "torch.compile (compiling takes a minute or more, once per batch "
+                           "shape; then each token is faster, packed models most); without a "
+                           "C++ compiler, a warning and plain decoding")  # fmt: skip
 
     def __post_init__(self) -> None:
         tasks = (self.tasks,) if isinstance(self.tasks, str) else tuple(self.tasks)

@@ -1,24 +1,39 @@
 """``QuantLinear``: a linear layer that holds its weight packed (codes + fp16 scales + uint8
 zero points) and computes y = x W_hat^T + b.
 
-Where torch ships a CPU weight-only kernel for the configuration it is used:
+Which path a forward takes (:func:`select_kernel`). Measured with torch 2.13 on one CPU
+thread of the (heavily shared) development machine, a 1536 x 576 layer, one input row, best
+of 20 (fp32 ``F.linear``: 0.14 ms):
 
-* 8 bits, per output channel: ``aten._weight_int8pack_mm``. It is symmetric, so the codes are
-  shifted to int8 (q - 128) and the zero point becomes a per-row offset:
-  x (q - z)^T s = int8mm(x, q - 128, s) + sum(x) * (128 - z) s.
-* 4 bits, groups of 32/64/128/256 dividing in_features, out_features a multiple of 16:
-  ``aten._weight_int4pack_mm_for_cpu``, whose dequantization is (q - 8) * s + m, so
-  m = (8 - z) * s.
+* ``dequant`` (everywhere, and always for more than ``KERNEL_MAX_ROWS`` rows): unpack and
+  rescale the weight, then ``F.linear``. Prefill and scoring take it (~100x faster than a
+  weight-only kernel at 4096 rows), and so does an eager decoding step on CPU: 1.3-1.5 ms at
+  4 bits, against 1.8-2.2 ms for ``aten._weight_int4pack_mm_for_cpu`` (and 1.2 ms for the
+  8-bit ``_weight_int8pack_mm``, 0.4 ms at 576 x 576 where fp32 takes 0.1 ms): torch's CPU
+  weight-only kernels do not beat dequantizing for one row, so none is used.
+* ``matvec`` (CPU or GPU, inside ``torch.compile``, a few rows, groups dividing the row): the
+  codes are read at their own width and converted inside the compiled graph (what gpt-fast
+  does on GPUs). The layout is the transposed one, [blocks, block / k, out] bytes with k
+  codes a byte (4-bit: two, 2-bit: four; 3 and 8 bits one), so the generated C++ loop
+  vectorises over output channels and reduces over the input without a horizontal sum per
+  group: 0.15 ms for the layer above (0.11 ms at 3 bits), a 49152 x 576 LM head at 8 bits
+  in 8.6 ms against fp32's 13.7 ms. Built by :meth:`QuantLinear.prepare_decode` (the
+  compiled decoder calls it) and held beside ``packed`` (as many bytes again at 4 bits).
+* ``tinygemm`` (CUDA, 4 bits, groups of 32-256 dividing the row, out_features a multiple of
+  8): ``aten._weight_int4pack_mm``, torch's int4 GEMM, in bf16. Its dequantization is
+  (q - 8) * s + m, so m = (8 - z) * s. Not yet run on a GPU: benchmarks/decode_gpu.py checks
+  it there.
 
-Everything else (2/3 bits, grouped 8-bit, other shapes, other devices) unpacks and
-dequantizes the weight, then calls ``F.linear``. ``kernel = "dequant"`` forces that path.
+``kernel = "dequant"`` forces that path.
 
 >>> layer = QuantLinear.from_quantized(quantize_rtn(linear.weight, 4), bias=linear.bias)
->>> layer.kernel_name()   # 'int4pack' or 'dequant'
+>>> layer.kernel_name(), layer.kernel_name(compiled=True)
+('dequant', 'matvec')
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -29,10 +44,113 @@ from optlab.quant.packing import pack, packed_row_bytes, unpack
 from optlab.quant.quantizer import QuantizedWeight, dequantize
 
 INT4_GROUPS = (32, 64, 128, 256)
-# torch's weight-only int8/int4 CPU kernels cost milliseconds per input row (torch 2.13): they
-# win for decoding a few rows, while prefill and scoring are ~100x faster dequantized (measured
-# with a 1536 x 576 layer at 4096 rows: 20 s vs 0.13 s at 4 bits).
+# A forward of more rows than this dequantizes (prefill, scoring); at most this many take the
+# decoding kernels (a decoding step of a batch of up to this many prompts).
 KERNEL_MAX_ROWS = 4
+KERNELS = ("dequant", "matvec", "tinygemm")
+
+
+def select_kernel(
+    bits: int,
+    group_size: int,
+    in_features: int,
+    out_features: int,
+    *,
+    rows: int,
+    device: str,
+    compiled: bool,
+) -> str:
+    """The path a forward takes (see the module docstring): 'dequant', 'matvec' or
+    'tinygemm'.
+
+    >>> select_kernel(4, 64, 576, 1536, rows=1, device="cpu", compiled=True)
+    'matvec'
+    >>> select_kernel(4, 64, 576, 1536, rows=1, device="cuda", compiled=False)
+    'tinygemm'
+    """
+    if rows > KERNEL_MAX_ROWS or in_features % group_size:
+        return "dequant"
+    # (a group of 32-256 dividing the row also gives tinygemm's K tiling: see inner_k_tiles)
+    if device == "cuda" and bits == 4 and group_size in INT4_GROUPS and out_features % 8 == 0:
+        return "tinygemm"
+    if compiled and device in ("cpu", "cuda"):
+        return "matvec"
+    return "dequant"
+
+
+def inner_k_tiles(in_features: int) -> int:
+    """tinygemm's tiling of the input dimension (tiles of 16 columns): the largest of 8, 4, 2
+    that divides it (2 always does for rows of whole groups of 32 or more)."""
+    return next(t for t in (8, 4, 2) if in_features % (16 * t) == 0)
+
+
+def codes_per_byte(bits: int, block: int) -> int:
+    """How many codes one byte of the ``matvec`` layout holds (they split a block evenly)."""
+    k = 8 // bits if bits in (2, 4) else 1
+    return k if block % k == 0 else 1
+
+
+def matvec_block(group_size: int) -> int:
+    """Columns summed before a scale is applied: a group, or a 64-column part of a longer one
+    (inductor's loop over a whole 576-column row is 4x slower than over blocks of 64)."""
+    block = math.gcd(group_size, 64)
+    return block if block >= 16 else group_size
+
+
+def matvec_layout(
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``matvec`` kernel's tensors from codes [out, in]: bytes [blocks, block / k, out]
+    (byte j of a block holds codes j, j + block/k, ... in its bit fields, low first), and
+    each block's scale s and s * z [blocks, out] in fp32."""
+    out, cols = codes.shape
+    block = matvec_block(group_size)
+    blocks, k = cols // block, codes_per_byte(bits, block)
+    by_block = codes.reshape(out, blocks, k, block // k).permute(2, 1, 3, 0)
+    packed = by_block[0].clone()
+    for j in range(1, k):
+        packed |= by_block[j] << (bits * j)
+    repeat = group_size // block
+    scale = scales.float().T.repeat_interleave(repeat, dim=0).contiguous()
+    zero = zeros.float().T.repeat_interleave(repeat, dim=0)
+    return packed.contiguous(), scale, (scale * zero).contiguous()
+
+
+def matvec(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    scaled_zero: torch.Tensor,
+    bits: int,
+) -> torch.Tensor:
+    """x [rows, in] times W_hat^T from the ``matvec`` layout, in fp32: per block,
+    s * (sum_i q_i x_i) - s z sum_i x_i. Written for inductor, which fuses it into one loop
+    that reads each byte once (eager, it is a dozen weight-sized temporaries)."""
+    rows = x.shape[0]
+    blocks, width, _ = packed.shape
+    k = x.shape[1] // (blocks * width)
+    xs = x.float().reshape(rows, blocks, k, width, 1)
+    if k == 1:
+        inner = (packed.float() * xs[:, :, 0]).sum(2)
+    else:
+        mask = (1 << bits) - 1
+        inner = sum(
+            (((packed >> (bits * j)) & mask).float() * xs[:, :, j]).sum(2) for j in range(k)
+        )
+    sums = xs.sum((2, 3))  # [rows, blocks, 1]
+    return (inner * scale).sum(1) - (sums * scaled_zero).sum(1)
+
+
+def tinygemm_pairs(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes [out, in] as tinygemm takes them: two a byte, the even column high."""
+    return (codes[:, ::2] << 4 | codes[:, 1::2]).contiguous()
+
+
+def tinygemm_scales(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """tinygemm's [groups, out, 2] bf16 (scale, offset): it dequantizes (q - 8) * s + m,
+    which is (q - z) * s for m = (8 - z) * s."""
+    scale, zero = scales.float(), zeros.float()
+    return torch.stack([scale.T, ((8 - zero) * scale).T], dim=-1).to(torch.bfloat16).contiguous()
 
 
 class QuantLinear(nn.Module):
@@ -96,57 +214,54 @@ class QuantLinear(nn.Module):
         around its batches, by this name, as it may not import quant)."""
         return KeepDequantized(self)
 
-    def kernel_name(self, rows: int = 1) -> str:
-        """Which path a forward of ``rows`` input rows takes: 'int8pack', 'int4pack' or
-        'dequant' (by default: a one-row decoding step's)."""
-        if self.kernel == "dequant" or self.packed.device.type != "cpu" or rows > KERNEL_MAX_ROWS:
+    def kernel_name(self, rows: int = 1, compiled: bool | None = None) -> str:
+        """Which path a forward of ``rows`` input rows takes (by default: a one-row decoding
+        step's; ``compiled``: inside ``torch.compile``, by default whether it is now)."""
+        if self.kernel == "dequant":
             return "dequant"
-        if self.bits == 8 and self.group_size == self.in_features:
-            return "int8pack"
-        if (
-            self.bits == 4
-            and self.group_size in INT4_GROUPS
-            and self.in_features % self.group_size == 0
-            and self.out_features % 16 == 0
-        ):
-            return "int4pack"
-        return "dequant"
+        if compiled is None:
+            compiled = torch.compiler.is_compiling()
+        return select_kernel(self.bits, self.group_size, self.in_features, self.out_features,
+                             rows=rows, device=self.packed.device.type,
+                             compiled=compiled)  # fmt: skip
+
+    def prepare_decode(self) -> None:
+        """Build the decoding kernel's layout now, outside a compiled graph (which would
+        otherwise rebuild it on every step: until it exists, a compiled forward dequantizes
+        instead of taking ``matvec``)."""
+        kernel = self.kernel_name(compiled=True)
+        if kernel == "tinygemm":
+            self._tinygemm()
+        elif kernel == "matvec" and "matvec" not in self._cache:
+            self._cache["matvec"] = matvec_layout(self.codes(), self.scales, self.zeros,
+                                                  self.bits, self.group_size)  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self.kernel_name(x.numel() // self.in_features)
-        if kernel == "dequant":
+        prepared = self._cache.get("matvec") if kernel == "matvec" else None
+        if kernel == "dequant" or (kernel == "matvec" and prepared is None):
             return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
-        flat = x.reshape(-1, self.in_features).contiguous()
-        prepared = self._prepare(kernel, x.dtype)
-        if kernel == "int8pack":
-            weight, scale, offset = prepared
-            y = torch.ops.aten._weight_int8pack_mm(flat, weight, scale)
-            y = y + flat.sum(-1, keepdim=True) * offset
+        flat = x.reshape(-1, self.in_features)
+        if kernel == "matvec":
+            y = matvec(flat, *prepared, self.bits).to(x.dtype)
         else:
-            weight, scale_and_zero = prepared
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                flat, weight, self.group_size, scale_and_zero
-            )
+            weight, scale_and_zero = self._tinygemm()
+            y = torch.ops.aten._weight_int4pack_mm(
+                flat.to(torch.bfloat16).contiguous(), weight, self.group_size, scale_and_zero
+            ).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    def _prepare(self, kernel: str, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """Kernel-layout weights, built once from the packed state (not saved)."""
-        key = f"{kernel}:{dtype}"
-        if key not in self._cache:
-            codes, scale = self.codes(), self.scales.to(dtype)
-            zero = self.zeros.to(dtype)
-            if kernel == "int8pack":
-                weight = (codes.to(torch.int16) - 128).to(torch.int8)
-                self._cache[key] = (weight, scale[:, 0], ((128 - zero) * scale)[:, 0])
-            else:
-                weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-                    codes.to(torch.int32), 1
-                )
-                scale_and_zero = torch.stack([scale.T, ((8 - zero) * scale).T], dim=-1)
-                self._cache[key] = (weight, scale_and_zero.contiguous())
-        return self._cache[key]
+    def _tinygemm(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The int4 GEMM's weight (in its tiled layout) and scales and offsets, built once
+        from the packed state."""
+        if "tinygemm" not in self._cache:
+            weight = torch.ops.aten._convert_weight_to_int4pack(
+                tinygemm_pairs(self.codes()), inner_k_tiles(self.in_features)
+            )
+            self._cache["tinygemm"] = (weight, tinygemm_scales(self.scales, self.zeros))
+        return self._cache["tinygemm"]
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self._cache.clear()

@@ -600,7 +600,8 @@ def quantize(
     kernels: dict[str, int] = {}
     for module in model.modules():
         if isinstance(module, QuantLinear):
-            kernels[module.kernel_name()] = kernels.get(module.kernel_name(), 0) + 1
+            name = module.kernel_name(compiled=True)  # a compiled one-row decoding step
+            kernels[name] = kernels.get(name, 0) + 1
     return {
         "sensitivity": scores,
         "unit_bits": unit_bits,

@@ -37,6 +37,7 @@ from torch import nn
 
 from optlab.core.anatomy import Anatomy
 from optlab.core.config import configurable, option, require, require_finite, require_positive
+from optlab.core.decode import greedy
 from optlab.core.models import LoadedModel
 from optlab.errors import OptlabError
 from optlab.eval.perplexity import wiki_perplexity
@@ -145,16 +146,12 @@ def memorisation(
             pairs.append((ids[:prefix], ids[prefix : prefix + continuation]))
     if not pairs:
         return {"rougeL": math.nan, "exact_match": math.nan, "memorisation_n": 0}
-    device = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     matches, rouges = [], []
     for start in range(0, len(pairs), 8):
         chunk = pairs[start : start + 8]
-        inputs = torch.tensor([p for p, _ in chunk], device=device)  # equal lengths: no padding
-        out = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs),
-                             max_new_tokens=continuation, min_new_tokens=continuation,
-                             do_sample=False, pad_token_id=pad)[:, prefix:]  # fmt: skip
-        for row, (_, truth) in zip(out.tolist(), chunk, strict=True):
+        out = greedy(model, [p for p, _ in chunk], continuation, pad_id=pad, eos=())
+        for row, (_, truth) in zip(out, chunk, strict=True):
             matches.append(sum(a == b for a, b in zip(row, truth, strict=False)) / len(truth))
             rouges.append(rouge_l(tok.decode(row), tok.decode(truth)))
     return {"rougeL": float(np.mean(rouges)), "exact_match": float(np.mean(matches)),
