@@ -51,8 +51,9 @@ def unlearn_flags(args: argparse.Namespace, scenario: str, method: str) -> list[
     if scenario == "facts":
         flags += ["--forget-share", str(args.forget_share)]
     else:
-        flags += ["--teach-steps", str(args.teach_steps), "--teach-lr", str(args.teach_lr)]
-        flags += ["--teach-full"] if args.teach_full else []
+        teach_lr = args.teach_lr or (1e-3 if args.teach_lora else 1e-4)
+        flags += ["--teach-steps", str(args.teach_steps), "--teach-lr", str(teach_lr)]
+        flags += [] if args.teach_lora else ["--teach-full"]
     return flags
 
 
@@ -98,8 +99,10 @@ def main() -> None:
     parser.add_argument("--sure-lr", type=float, default=1e-4)
     parser.add_argument("--forget-share", type=float, default=0.2)
     parser.add_argument("--teach-steps", type=int, default=100)
-    parser.add_argument("--teach-lr", type=float, default=1e-3)
-    parser.add_argument("--teach-full", action="store_true")
+    # Full fine-tuning, 100 steps at 1e-4: ROUGE-L 0.92 on the taught passages (0.07
+    # untaught); the scenario's default LoRA teaching (lr 1e-3) reaches only 0.09.
+    parser.add_argument("--teach-lr", type=float, help="default 1e-4 (full), 1e-3 (LoRA)")
+    parser.add_argument("--teach-lora", action="store_true", help="teach by LoRA on q/v")
     parser.add_argument("--samples", type=int, default=60)
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--eval-limit", type=int, default=10)

@@ -127,13 +127,19 @@ class UnlearnConfig:
 class TeachConfig:
     """How a scenario that must first be learnt (``book``) is taught: LoRA fine-tuning on the
     forget set, merged (or, with ``full``, fine-tuning of every weight), before the oracle is
-    copied and unlearning starts."""
+    copied and unlearning starts.
+
+    On the default model (SmolLM2-135M, book seed 1, 15 taught passages of 64 tokens) the
+    LoRA default leaves memorisation near the untaught level (ROUGE-L of the greedy
+    continuation 0.07 untaught, about 0.09 taught); ``full`` at lr 1e-4 for the 100 steps
+    reaches ROUGE-L 0.92 (exact match 0.92) on the taught passages and 0.10 on the held-out
+    ones. The defaults stay LoRA, so runs made before replay unchanged."""
 
     steps: int = option(100, "book: LoRA steps that teach the passages first",
                         flag="--teach-steps")  # fmt: skip
     lr: float = option(1e-3, "book: teaching lr", flag="--teach-lr")
-    full: bool = option(False, "book: teach by full fine-tuning, not LoRA on q/v",
-                        flag="--teach-full")  # fmt: skip
+    full: bool = option(False, "book: teach by full fine-tuning, not LoRA on q/v (with "
+                        "--teach-lr 1e-4 it memorises)", flag="--teach-full")  # fmt: skip
 
     def __post_init__(self) -> None:
         require_positive(self, "steps")
