@@ -252,8 +252,9 @@ def plots(
     if cells and all(c.get("low") is not None for c in cells):
         errors = [(c["low"], c["high"]) for c in cells]
     out["recovery.png"] = draw.bars([a for a in attacks if a != NONE], ratios,
-                                    f"Recovery of {metric}: (attacked - unlearned) / "
-                                    "(before - unlearned)", "recovery", errors=errors)  # fmt: skip
+                                    f"Recovery of {metric} (95% CI)",
+                                    "(attacked - unlearned) /\n(before - unlearned)",
+                                    errors=errors)  # fmt: skip
     return out
 
 
