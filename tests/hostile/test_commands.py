@@ -202,6 +202,26 @@ def test_audit_robustness_refuses_a_bad_attack(capsys, tmp_path, unlearn_run, ca
     assert out == "" and snapshot(unlearn_run) == before and list(tmp_path.iterdir()) == []
 
 
+# A file of the unlearn run spoiled: (the file, its new bytes, what the one line names).
+SPOILED_RUN = {
+    "forget set not UTF-8": ("forget.jsonl", b"Caf\xe9\n", ["forget.jsonl", "not UTF-8"]),
+    "forget set not JSON": ("forget.jsonl", b"{oops\n", ["forget.jsonl"]),
+    "metrics not JSON": ("metrics.json", b"{oops", ["metrics.json"]),
+}
+
+
+@pytest.mark.parametrize("case", list(SPOILED_RUN))
+def test_audit_robustness_refuses_a_damaged_run(capsys, tmp_path, unlearn_run, case) -> None:
+    name, data, needles = SPOILED_RUN[case]
+    run = tmp_path / "run"
+    shutil.copytree(unlearn_run, run)
+    (run / name).write_bytes(data)
+    before = snapshot(tmp_path)
+    code, out, err = run_cli(capsys, "audit", "robustness", run, "--out", tmp_path / "o")
+    error_line(code, err, *needles)
+    assert out == "" and snapshot(tmp_path) == before
+
+
 @pytest.mark.parametrize("kind", ["prune", "unlearn --no-save"])
 def test_audit_robustness_refuses_a_run_without_an_unlearned_model(
     capsys, tmp_path, prune_run, unlearn_run, kind
