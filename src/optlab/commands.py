@@ -11,6 +11,7 @@ from pathlib import Path
 from optlab import api
 from optlab.audit.graph import GraphConfig
 from optlab.audit.reliability import ReliabilityConfig
+from optlab.audit.robustness import RobustnessConfig
 from optlab.audit.skeb import SkebConfig
 from optlab.core.calibration import Calibration
 from optlab.core.job import COMMANDS, Command, Input, Job, Result, Section, register_command
@@ -253,6 +254,9 @@ register_command(Command(
     "base and\nthe unlearned model: FA, RA, MIA, AD, JS, distance, mia_loss/zlib/mink/minkpp "
     "AUCs,\nppl (wiki:eval), rougeL/exact_match (documents), harmful_rate (--harm-labels).\n"
     f"{_UNLEARN_METHODS}\n{_UNLEARN_DATA}\n"
+    "Quantization-robust (SURE, arXiv 2410.16454): --saliency 0.1 --lr 1e-4 trains only the\n"
+    "10% of block weight matrices with the largest forget-gradient norm, at a larger lr, so\n"
+    "the forgetting outlives 4-bit rounding (`optlab audit robustness RUN` checks it).\n"
     "Sweep: optlab unlearn sweep MODEL --scenario facts --methods ga,npo --seeds 1,2,3\n"
     "       --out DIR   (writes DIR/runs.csv, the input of the reliability audit)\n"
     "Runs on HF Accelerate: `accelerate launch -m optlab.cli unlearn ...` uses many GPUs.",
@@ -288,7 +292,8 @@ GROUPS = {  # two-word commands ("audit skeb") are subcommands of their first wo
     "embed": ("sentence embeddings by PromptEOL: encode, evaluate, pick a demo, fine-tune",
               "Sentence embeddings from a causal LM by prompting (PromptEOL, Jiang et al. 2023):\n"
               "the last token's hidden state of 'This sentence : \"[X]\" means in one word:\"'."),
-    "audit": ("audit unlearning: metric reliability (UQS), persuasion probes (SKeB)",
+    "audit": ("audit unlearning: metric reliability (UQS), persuasion probes (SKeB), "
+              "robustness to compression and relearning",
               "Did unlearning really forget, and can its numbers be trusted?"),
     "exit": ("early exit (GREEN-CODE): train exits, a PPO exit policy, generate, benchmark",
              "Energy-aware early exit (GREEN-CODE, arXiv 2501.11006): a token may leave the "
@@ -349,6 +354,46 @@ register_command(Command(
     sections=(Section("audit", SkebConfig(), "probes"),),
     run=_skeb,
     examples=("optlab audit skeb runs/unlearned --base default --limit 20 --out runs/skeb",),
+))  # fmt: skip
+
+
+def _robustness(job: Job, *, out: str | Path | None, force: bool, progress: bool) -> Result:
+    c = job.configs
+    result = api.audit_robustness(job.inputs["run"], c["audit"], evaluation=c["eval"],
+                                  calib=c["calib"], seed=job.seed, out=out, force=force,
+                                  progress=progress)  # fmt: skip
+    # The terminal gets the ratios; every metric of every model is in metrics.json.
+    ratios = {attack: {m: cell["ratio"] for m, cell in row.items()}
+              for attack, row in result["recovery"].items()}  # fmt: skip
+    return Result({"recovery_metric": result["recovery_metric"], "recovery": ratios},
+                  result.run)  # fmt: skip
+
+
+register_command(Command(
+    name="audit robustness",
+    help="does quantization, pruning or relearning bring unlearned knowledge back",
+    description="Attack the unlearned model of an `optlab unlearn` RUN and, for reference, "
+    "the model before\nunlearning (the run's base model, its forget set taught again when "
+    "the scenario taught\nit), then measure each: FA or verbatim memorisation (rougeL, "
+    "exact_match), RA, perplexity,\nthe LOSS / Min-K% membership AUCs and, for question "
+    "forget sets, SKeB recall per framing.\nAttacks (--attacks, comma-separated):\n"
+    "  quant:rtn4 quant:gptq4 quant:rtn8   uniform B-bit packed weights (RTN or GPTQ)\n"
+    "  prune:wanda50 prune:sparsegpt50     P% unstructured sparsity (or magnitude)\n"
+    "  relearn:N                           fine-tune (LoRA on q/v, --relearn-steps) on N\n"
+    "                                      retain examples disjoint from the forget set\n"
+    "Recovery per attack = (attacked - unlearned) / (before - unlearned) on every forget "
+    "metric,\nwith paired bootstrap 95% intervals; null where unlearning removed no more "
+    "than --min-gap.\nZhang et al. (arXiv 2410.16454): 21% of the forgotten knowledge is "
+    "kept at full precision,\n83% after 4-bit quantization. Writes metrics.json, report.md "
+    "(the table), per_example.json,\nforget_by_attack.png and recovery.png; the run is only "
+    "read.",
+    inputs=(Input("run", "RUN", "an optlab unlearn run (saved with its model/)"),),
+    sections=(Section("audit", RobustnessConfig(), "attacks"),
+              Section("eval", EvalConfig(), "evaluation"),
+              Section("calib", api.QUANT_CALIB, "calibration (gptq, wanda, sparsegpt)")),
+    run=_robustness,
+    examples=("optlab audit robustness runs/facts-npo --attacks quant:rtn4,quant:rtn8,"
+              "quant:gptq4,prune:wanda50,relearn:20 --out runs/robust",),
 ))  # fmt: skip
 
 

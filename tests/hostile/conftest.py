@@ -6,6 +6,8 @@ Corrupt inputs are built here from tiny runs (seconds each), not shipped as file
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -93,4 +95,23 @@ def quant_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny:opt 8-bit RTN run (packed weights, no calibration); tests must not change it."""
     out = tmp_path_factory.mktemp("runs") / "quantized"
     assert main(["quantize", "tiny:opt", "--uniform", "8", "--no-eval", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def unlearn_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny:opt GA run (one step, its model saved), the input of ``audit robustness``;
+    tests must not change it."""
+    root = tmp_path_factory.mktemp("runs")
+    forget, retain = root / "forget.jsonl", root / "retain.jsonl"
+    forget.write_text('{"question": "What is A?", "answer": "B"}\n')
+    retain.write_text('{"question": "What is C?", "answer": "D"}\n'
+                      '{"question": "What is E?", "answer": "F"}\n')  # fmt: skip
+    out = root / "unlearned"
+    args = ["unlearn", "tiny:opt", "--forget", str(forget), "--retain", str(retain), "--method",
+            "ga", "--steps", "1", "--max-new-tokens", "2", "--eval-limit", "1",
+            "--eval-seq-len", "32", "--out", str(out)]  # fmt: skip
+    # Quiet: a test that asks for this fixture checks what its own command prints.
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert main(args) == 0
     return out

@@ -39,8 +39,9 @@ def inputs(tmp: Path) -> dict[str, Path]:
 
 
 def command_args(tmp: Path, prune_run: Path, uprise: Path) -> dict[str, list[object]]:
-    """A small valid invocation of every command, without --out (``uprise``: a complete
-    ``retrieve run``, the input of each later retrieve stage; see :func:`_uprise`)."""
+    """A small valid invocation of every command, without --out (``uprise``: the run a later
+    stage reads: a complete ``retrieve run`` for the retrieve stages, an ``unlearn`` run for
+    ``audit robustness``; see :func:`_uprise`)."""
     f = inputs(tmp)
     tiny = ["--hold-out", "topic", "--only", "polarity,newsgroups", "--pool-size", "4",
             "--test-size", "2", "--candidates", "2",
@@ -58,6 +59,9 @@ def command_args(tmp: Path, prune_run: Path, uprise: Path) -> dict[str, list[obj
         "unlearn sweep": ["unlearn", "sweep", "tiny:opt", "--methods", "ga", "--seeds", "0", *data],
         "audit skeb": ["audit", "skeb", "tiny:opt", "--limit", "1"],
         "audit reliability": ["audit", "reliability", f["csv"]],
+        "audit robustness": ["audit", "robustness", uprise, "--attacks", "quant:rtn8",
+                             "--no-skeb", "--max-new-tokens", "2", "--eval-limit", "1",
+                             "--eval-seq-len", "32"],
         "audit graph": ["audit", "graph", "--corpus", f["text"], "--entities", f["entities"]],
         "run": ["run", f["recipe"]],
         "rerun": ["rerun", prune_run],
@@ -87,15 +91,18 @@ RETRIEVE_STAGES = ("retrieve train", "retrieve index", "retrieve eval")
 
 
 def _uprise(request: pytest.FixtureRequest, command: str) -> Path:
-    """The tiny retrieve run for the commands that read one (built once per session, only
-    when such a command is tested); a path never read for the others."""
+    """The tiny retrieve run (or unlearn run) for the commands that read one (built once per
+    session, only when such a command is tested); a path never read for the others."""
     if command in RETRIEVE_STAGES:
         return request.getfixturevalue("retrieve_run")
+    if command == "audit robustness":
+        return request.getfixturevalue("unlearn_run")
     return Path("no-retrieve-run")
 
 
 COMMANDS = ["info", "eval", "prune", "retrain", "quantize", "export", "unlearn", "unlearn sweep",
-            "audit skeb", "audit reliability", "audit graph", "run", "rerun", "demo",
+            "audit skeb", "audit reliability", "audit robustness", "audit graph", "run",
+            "rerun", "demo",
             "embed encode", "embed eval", "embed select-demo", "embed train", "exit train",
             "exit generate", "exit policy", "exit bench", "retrieve score", "retrieve train",
             "retrieve index",
@@ -115,6 +122,7 @@ BAD_VALUES: dict[str, tuple[list[str], list[str]]] = {
     "unlearn sweep": (["--seeds", "a,b"], ["--seeds", "'a'"]),
     "audit skeb": (["--limit", "-3"], ["limit", "-3"]),  # checked by its config: the field
     "audit reliability": (["--trials", "x"], ["--trials", "'x'"]),
+    "audit robustness": (["--attacks", "quant:rnt4"], ["attack", "Did you mean 'quant:rtn4'"]),
     "audit graph": (["--seed", "1e3"], ["--seed", "'1e3'"]),
     "demo": (["--limit", "0"], ["--limit", "0"]),
     "embed encode": (["--batch-size", "x"], ["--batch-size", "'x'"]),
@@ -177,6 +185,59 @@ def test_an_out_that_is_not_a_run_is_untouched(
     before = snapshot(tmp_path)
     code, out, err = run_cli(capsys, *args, "--out", target, *(["--force"] * force))
     error_line(code, err, repr(str(target)), "not")
+    assert out == "" and snapshot(tmp_path) == before
+
+
+# (the bad request, what the one line names): checked against the unlearn run, before any work
+ROBUSTNESS = {
+    "relearn more than the retain set": (["--attacks", "relearn:99"], ["needs 99", "has 2"]),
+    "bits the packer lacks": (["--attacks", "quant:rtn5"], ["5"]),
+    "a repeated attack": (["--attacks", "quant:rtn4,quant:rtn4"], ["repeated"]),
+}
+
+
+@pytest.mark.parametrize("case", list(ROBUSTNESS))
+def test_audit_robustness_refuses_a_bad_attack(capsys, tmp_path, unlearn_run, case) -> None:
+    extra, needles = ROBUSTNESS[case]
+    before = snapshot(unlearn_run)
+    code, out, err = run_cli(capsys, "audit", "robustness", unlearn_run, *extra, "--out",
+                             tmp_path / "o")  # fmt: skip
+    error_line(code, err, *needles)
+    assert out == "" and snapshot(unlearn_run) == before and list(tmp_path.iterdir()) == []
+
+
+# A file of the unlearn run spoiled: (the file, its new bytes, what the one line names).
+SPOILED_RUN = {
+    "forget set not UTF-8": ("forget.jsonl", b"Caf\xe9\n", ["forget.jsonl", "not UTF-8"]),
+    "forget set not JSON": ("forget.jsonl", b"{oops\n", ["forget.jsonl"]),
+    "metrics not JSON": ("metrics.json", b"{oops", ["metrics.json"]),
+}
+
+
+@pytest.mark.parametrize("case", list(SPOILED_RUN))
+def test_audit_robustness_refuses_a_damaged_run(capsys, tmp_path, unlearn_run, case) -> None:
+    name, data, needles = SPOILED_RUN[case]
+    run = tmp_path / "run"
+    shutil.copytree(unlearn_run, run)
+    (run / name).write_bytes(data)
+    before = snapshot(tmp_path)
+    code, out, err = run_cli(capsys, "audit", "robustness", run, "--out", tmp_path / "o")
+    error_line(code, err, *needles)
+    assert out == "" and snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("kind", ["prune", "unlearn --no-save"])
+def test_audit_robustness_refuses_a_run_without_an_unlearned_model(
+    capsys, tmp_path, prune_run, unlearn_run, kind
+) -> None:
+    run = prune_run
+    if kind != "prune":  # an unlearn run whose model was not saved
+        run = tmp_path / "nosave"
+        shutil.copytree(unlearn_run, run)
+        shutil.rmtree(run / "model")
+    before = snapshot(tmp_path)
+    code, out, err = run_cli(capsys, "audit", "robustness", run, "--out", tmp_path / "o")
+    error_line(code, err, repr(str(run)), "'prune' run" if kind == "prune" else "--no-save")
     assert out == "" and snapshot(tmp_path) == before
 
 

@@ -161,9 +161,17 @@ def test_the_suite_reports_every_metric(lm) -> None:
     harm = evaluate_model(lm, QA[:6], QA[6:], QA[3:9], config, harm=EveryOther(),
                           perplexity=False)  # fmt: skip
     assert harm["harmful_rate"] == 0.5 and len(seen) == 6
-    docs = evaluate_model(lm, DOCS[:4], DOCS[4:], DOCS[4:], config, perplexity=False)
+    docs = evaluate_model(lm, DOCS[:4], DOCS[4:], DOCS[4:], config, perplexity=False,
+                          per_example=True)  # fmt: skip
     assert 0 <= docs["exact_match"] <= 1 and 0 <= docs["rougeL"] <= 1
     assert math.isnan(docs["FA"])  # documents have no questions to answer
+    # The values the means average, one per tested document (none per question here).
+    values = docs["per_example"]
+    assert values["FA"] == [] and len(values["rougeL"]) == docs["memorisation_n"]
+    assert docs["rougeL"] == pytest.approx(sum(values["rougeL"]) / len(values["rougeL"]))
+    qa = evaluate_model(lm, QA[:6], QA[6:], QA[3:9], config, perplexity=False, per_example=True)
+    assert len(qa["per_example"]["FA"]) == 6 and set(qa["per_example"]["FA"]) <= {0.0, 1.0}
+    assert qa["FA"] == pytest.approx(sum(qa["per_example"]["FA"]) / 6)
 
 
 def test_harm_classifier_on_minilm_embeddings(tmp_path) -> None:

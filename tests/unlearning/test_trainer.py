@@ -111,3 +111,34 @@ def test_known_facts_are_cached_by_weights(taught_model, tmp_path, monkeypatch) 
         next(lm.model.parameters()).add_(1.0)  # other weights: another cache entry
     with pytest.raises(AssertionError, match="generated again"):
         known_facts(lm, max_new_tokens=12, progress=False, questions=asked)
+
+
+@pytest.mark.parametrize("family", ["tiny:llama", "tiny:gpt2"])  # Linear and Conv1D weights
+def test_sure_trains_only_the_salient_weights(family) -> None:
+    """--saliency: the chosen weights are the top share by the forget-CE gradient norm,
+    computed here directly; only they change, every other parameter stays bit for bit."""
+    from optlab.unlearning.data import encode
+    from optlab.unlearning.losses import answer_ce
+    from optlab.unlearning.trainer import block_linear_weights
+
+    lm = load_model(family, seed=0)
+    forget = [*FORGET, Example("Madrid", "What is the capital of Spain?")]
+    weights = block_linear_weights(lm.model)
+    lm.model.zero_grad()
+    answer_ce(lm.model, encode(lm.tokenizer, forget)).backward()  # one batch: the same mean
+    norms = {name: weights[name].grad.norm().item() for name in weights}
+    lm.model.zero_grad(set_to_none=True)
+    expected = sorted(norms, key=lambda n: -norms[n])[: round(0.25 * len(norms))]
+    before = copy.deepcopy(lm.model.state_dict())
+    config = UnlearnConfig(method="graddiff", steps=3, lr=1e-3, saliency=0.25)
+    result = unlearn(lm, forget, RETAIN, config, progress=False)
+    assert result.metrics["salient"] == expected == result.trained
+    assert result.metrics["saliency_gamma"] == pytest.approx(norms[expected[-1]], rel=1e-4)
+    after = lm.model.state_dict()
+    changed = {name for name in after if not torch.equal(after[name], before[name])}
+    assert changed == set(expected)
+    assert all(p.requires_grad for p in lm.model.parameters())  # flags restored
+    with pytest.raises(OptlabError, match="does not combine with --lora"):
+        UnlearnConfig(saliency=0.5, lora=True)
+    with pytest.raises(OptlabError, match=r"\(0, 1\]"):
+        UnlearnConfig(saliency=1.5)

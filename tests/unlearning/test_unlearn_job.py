@@ -210,6 +210,9 @@ def test_the_seed_defaults_agree() -> None:
         (["--scenario", "facts", "--lr", "inf"], "lr must be a finite number"),
         (["--scenario", "facts", "--eval-limit", "0"], "ppl_limit must be a whole number"),
         (["--scenario", "facts", "--js", "mean"], "invalid choice: 'mean'"),
+        (["--scenario", "facts", "--forget-share", "0.9"], "sum below 1"),
+        (["--scenario", "facts", "--saliency", "0.5", "--lora"], "does not combine"),
+        (["--scenario", "facts", "--saliency", "0"], "saliency is a share"),
         (["--scenario", "facts", "--steps", "two"], "--steps: expected a whole number"),
         # A sweep's flags and foreign ones are refused by the single command.
         (["--scenario", "facts", "--methods", "ga,npo"], "unrecognized arguments: --methods"),
@@ -254,3 +257,15 @@ def cli_code(argv: list[str]) -> int:
         return main(argv)
     except SystemExit as stop:
         return int(stop.code or 0)
+
+
+def test_the_facts_shares_split_the_countries(taught_model) -> None:
+    lm = load_model(str(taught_model))
+    known = known_facts(lm, max_new_tokens=12, progress=False, questions=capital_questions(16),
+                        cache=False)  # fmt: skip
+    countries = len({c for c, _ in known})
+    data = UnlearnData(scenario="facts", forget_share=0.5, holdout_share=0.25)
+    scenario = data.build(lm, 1, known=known)
+    assert len(scenario.forget) == round(0.5 * countries)  # one capital per country here
+    assert len(scenario.holdout) == round(0.25 * countries)
+    assert len(scenario.retain) == countries - len(scenario.forget) - len(scenario.holdout)

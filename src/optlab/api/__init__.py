@@ -28,9 +28,11 @@ from optlab.api._retrieve import (
     retrieve_score,
     retrieve_train,
 )
+from optlab.api._robustness import audit_robustness
 from optlab.api._unlearning import unlearn, unlearn_sweep
 from optlab.audit.graph import GraphConfig
 from optlab.audit.reliability import ReliabilityConfig
+from optlab.audit.robustness import RobustnessConfig
 from optlab.audit.skeb import SkebConfig
 from optlab.core.anatomy import Anatomy, weight_matrix
 from optlab.core.calibration import Calibration
@@ -115,6 +117,7 @@ __all__ = [
     "Result",
     "RetrievalEval",
     "RetrieverConfig",
+    "RobustnessConfig",
     "Run",
     "STSEval",
     "Scenario",
@@ -138,6 +141,7 @@ __all__ = [
     # commands
     "audit_graph",
     "audit_reliability",
+    "audit_robustness",
     "audit_skeb",
     "describe_model",
     "embed_encode",

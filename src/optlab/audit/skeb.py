@@ -32,25 +32,12 @@ from optlab.audit.judge import LABELS, GraphJudge, Judge
 from optlab.audit.probes import QA_FORMAT, Fact, Probe, TemplateLibrary, build_probes
 from optlab.core.config import configurable, option, require_positive
 from optlab.core.models import LoadedModel
+from optlab.core.stats import bootstrap_ci
 from optlab.errors import OptlabError
 
 log = logging.getLogger("optlab")
 
 BEHAVIOURS = ("recall", *LABELS)
-
-
-def bootstrap_ci(
-    values: Sequence[float], *, resamples: int = 1000, level: float = 0.95, seed: int = 0
-) -> dict[str, float | None]:
-    """Mean and percentile bootstrap interval of the mean (seeded; null for no values)."""
-    x = np.asarray(values, dtype=np.float64)
-    if x.size == 0:
-        return {"mean": None, "low": None, "high": None, "n": 0}
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, x.size, size=(resamples, x.size))].mean(axis=1)
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return {"mean": float(x.mean()), "low": float(low), "high": float(high), "n": int(x.size)}
 
 
 def ols(y: Sequence[float], x: np.ndarray) -> dict[str, Any]:

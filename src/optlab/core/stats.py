@@ -1,4 +1,9 @@
-"""Statistics of the inputs of linear layers, gathered with forward hooks.
+"""Statistics: bootstrap intervals of means, and the statistics of the inputs of linear layers.
+
+:func:`bootstrap_ci` and :func:`paired_bootstrap` give percentile bootstrap intervals (the
+audits' confidence intervals); the second resamples items jointly across several aligned
+columns (the same questions measured on several models), so a statistic of their means, such
+as a recovery ratio, gets an interval that keeps the pairing.
 
 Wanda needs per-feature input norms, SparseGPT and GPTQ the Hessian 2/N sum x x^T. Each is a
 small class with ``add_batch(x)``; ``record_inputs`` feeds every listed module's inputs to its
@@ -11,14 +16,58 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Mapping
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from scipy.linalg import lapack
 from torch import nn
 
 log = logging.getLogger("optlab")
+
+
+def paired_bootstrap(
+    columns: Sequence[Sequence[float]],
+    statistic: Callable[[np.ndarray], float | None],
+    *,
+    resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """``statistic`` of the column means and its percentile bootstrap interval.
+
+    ``columns`` are aligned (``columns[k][i]`` is item i measured the k-th way); each resample
+    draws the items with replacement, the same draw for every column. ``statistic`` gets the
+    vector of column means and may return None where it is undefined (a ratio whose
+    denominator vanished): such resamples are left out and counted in ``undefined``, and the
+    interval is null when none is defined. Seeded: the same call gives the same interval.
+    """
+    x = np.asarray(columns, dtype=np.float64).reshape(len(columns), -1)
+    n = x.shape[1]
+    if n == 0:
+        return {"value": None, "low": None, "high": None, "n": 0, "undefined": 0}
+    value = statistic(x.mean(axis=1))
+    rng = np.random.default_rng(seed)
+    means = x[:, rng.integers(0, n, size=(resamples, n))].mean(axis=2)  # (k, resamples)
+    drawn = [statistic(means[:, r]) for r in range(resamples)]
+    defined = [v for v in drawn if v is not None and math.isfinite(v)]
+    low = high = None
+    if defined:
+        tail = (1 - level) / 2 * 100
+        low, high = (float(v) for v in np.percentile(defined, [tail, 100 - tail]))
+    return {"value": None if value is None else float(value), "low": low, "high": high,
+            "n": int(n), "undefined": resamples - len(defined)}  # fmt: skip
+
+
+def bootstrap_ci(
+    values: Sequence[float], *, resamples: int = 1000, level: float = 0.95, seed: int = 0
+) -> dict[str, float | None]:
+    """Mean and percentile bootstrap interval of the mean (seeded; null for no values)."""
+    found = paired_bootstrap([values], lambda means: float(means[0]), resamples=resamples,
+                             level=level, seed=seed)  # fmt: skip
+    return {"mean": found["value"], "low": found["low"], "high": found["high"], "n": found["n"]}
 
 
 class InputStatistic(Protocol):

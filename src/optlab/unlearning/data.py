@@ -101,6 +101,20 @@ def _example(obj: object, path: Path, number: int) -> Example:
     raise OptlabError(f"{path}:{number}: expected {{'question', 'answer'}} or {{'text'}}")
 
 
+RUN_SETS = ("forget", "retain", "holdout")
+
+
+def run_sets(folder: str | Path) -> dict[str, list[Example]]:
+    """The forget, retain and holdout sets an ``optlab unlearn`` run saved (an empty set is
+    saved as an empty file)."""
+    sets = {}
+    for part in RUN_SETS:
+        path = Path(folder) / f"{part}.jsonl"
+        text = read_text_file(path, f"{part} set", allow_empty=True)
+        sets[part] = load_examples(path) if text.strip() else []
+    return sets
+
+
 def save_examples(path: Path, examples: Sequence[Example]) -> None:
     from optlab.core.run import atomic_write
 

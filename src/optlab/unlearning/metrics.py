@@ -104,14 +104,19 @@ def answers(scorer: Scorer, examples: Sequence[Example], max_new_tokens: int) ->
     return [(text.strip().splitlines() or [""])[0].strip() for text in texts]
 
 
-def qa_accuracy(scorer: Scorer, examples: Sequence[Example], max_new_tokens: int = 50) -> float:
-    """Share of questions answered correctly by greedy generation."""
+def qa_hits(scorer: Scorer, examples: Sequence[Example], max_new_tokens: int = 50) -> list[float]:
+    """1.0 or 0.0 per question (documents skipped): answered correctly by greedy generation."""
     questions = [e for e in examples if e.question is not None]
     if not questions:
-        return math.nan
+        return []
     predictions = answers(scorer, questions, max_new_tokens)
-    hits = [answer_correct(p, e.answer) for p, e in zip(predictions, questions, strict=True)]
-    return sum(hits) / len(hits)
+    return [float(answer_correct(p, e.answer)) for p, e in zip(predictions, questions,
+                                                                strict=True)]  # fmt: skip
+
+
+def qa_accuracy(scorer: Scorer, examples: Sequence[Example], max_new_tokens: int = 50) -> float:
+    """Share of questions answered correctly by greedy generation."""
+    return _mean(qa_hits(scorer, examples, max_new_tokens))
 
 
 def rouge_l(candidate: str, reference: str) -> float:
@@ -131,31 +136,45 @@ def rouge_l(candidate: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-@torch.no_grad()
 def memorisation(
     lm: LoadedModel, documents: Sequence[Example], prefix: int = 32, continuation: int = 32
 ) -> dict[str, float]:
     """Greedy continuation of the first ``prefix`` tokens of each document against the next
     ``continuation`` true tokens: ``exact_match`` (share of positions with the same token) and
     ``rougeL`` (of the decoded texts), averaged over documents long enough to test."""
+    return _memorisation_means(memorisation_scores(lm, documents, prefix, continuation))
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(np.mean(values)) if len(values) else math.nan
+
+
+def _memorisation_means(scores: dict[str, list[float]]) -> dict[str, float]:
+    return {"rougeL": _mean(scores["rougeL"]), "exact_match": _mean(scores["exact_match"]),
+            "memorisation_n": len(scores["rougeL"])}  # fmt: skip
+
+
+@torch.no_grad()
+def memorisation_scores(
+    lm: LoadedModel, documents: Sequence[Example], prefix: int = 32, continuation: int = 32
+) -> dict[str, list[float]]:
+    """:func:`memorisation` per document long enough to test (the others are skipped)."""
     tok, model = lm.tokenizer, lm.model
     pairs = []
     for doc in documents:
         ids = tok(doc.text, add_special_tokens=False, verbose=False)["input_ids"]
         if len(ids) >= prefix + continuation:
             pairs.append((ids[:prefix], ids[prefix : prefix + continuation]))
-    if not pairs:
-        return {"rougeL": math.nan, "exact_match": math.nan, "memorisation_n": 0}
+    matches: list[float] = []
+    rouges: list[float] = []
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    matches, rouges = [], []
     for start in range(0, len(pairs), 8):
         chunk = pairs[start : start + 8]
         out = greedy(model, [p for p, _ in chunk], continuation, pad_id=pad, eos=())
         for row, (_, truth) in zip(out, chunk, strict=True):
             matches.append(sum(a == b for a, b in zip(row, truth, strict=False)) / len(truth))
             rouges.append(rouge_l(tok.decode(row), tok.decode(truth)))
-    return {"rougeL": float(np.mean(rouges)), "exact_match": float(np.mean(matches)),
-            "memorisation_n": len(pairs)}  # fmt: skip
+    return {"rougeL": rouges, "exact_match": matches}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,23 +390,32 @@ def evaluate_model(
     trained: Sequence[str] | None = None,
     harm: HarmClassifier | None = None,
     perplexity: bool = True,
+    per_example: bool = False,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Every metric of the suite for one model (oracle metrics only when ``oracle`` is given;
-    memorisation only for document forget sets; FA / RA only for question sets)."""
+    memorisation only for document forget sets; FA / RA only for question sets). With
+    ``per_example``, ``metrics["per_example"]`` holds the values FA, RA, rougeL and
+    exact_match average (one per question or document, in the sets' order), for paired
+    bootstrap intervals across models."""
     config = config or EvalConfig()
     model, tok = lm.model, lm.tokenizer
     scorer = Scorer(lm, batch_size=config.batch_size, progress=progress)
     sample = list(forget)[: config.samples]
     retain_sample = list(retain)[: config.samples]
+    values: dict[str, list[float]] = {
+        "FA": qa_hits(scorer, forget, config.max_new_tokens),
+        "RA": qa_hits(scorer, retain_sample, config.max_new_tokens),
+    }
     metrics: dict[str, Any] = {
-        "FA": qa_accuracy(scorer, forget, config.max_new_tokens),
-        "RA": qa_accuracy(scorer, retain_sample, config.max_new_tokens),
+        "FA": _mean(values["FA"]),
+        "RA": _mean(values["RA"]),
         "MIA": mia_logistic(model, tok, sample, retain_sample, config.samples),
     }
     if any(e.question is None for e in forget):
         docs = [e for e in forget if e.question is None]
-        metrics |= memorisation(lm, docs, config.prefix_tokens, config.continuation_tokens)
+        values |= memorisation_scores(lm, docs, config.prefix_tokens, config.continuation_tokens)
+        metrics |= _memorisation_means(values)  # type: ignore[arg-type]
     metrics |= mia_aucs(model, tok, sample, list(holdout)[: config.samples], config.mink_ratio)
     if oracle is not None:
         metrics["AD"] = activation_distance(model, oracle, tok, sample)
@@ -400,4 +428,6 @@ def evaluate_model(
         metrics["ppl"] = wiki_perplexity(
             lm, config.window(lm), config.ppl_limit, progress, what="--eval-seq-len"
         )["perplexity"]
+    if per_example:
+        metrics["per_example"] = values
     return metrics

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from optlab.core.config import configurable, option, require
+from optlab.core.config import configurable, option, require, require_finite
 from optlab.core.data import book_text, country_records, load_text
 from optlab.core.models import LoadedModel, cache_dir
 from optlab.core.run import atomic_write
@@ -187,6 +187,8 @@ class UnlearnData:
                                  metavar="FILE")  # fmt: skip
     harm_labels: str | None = option(None, '.jsonl of {"text","label"} to train the harm '
                                      "classifier", metavar="FILE")  # fmt: skip
+    forget_share: float = option(0.2, "facts: share of the countries whose facts are forgotten")
+    holdout_share: float = option(0.2, "facts: share of the countries held out (non-members)")
 
     def __post_init__(self) -> None:
         if self.scenario is not None:
@@ -201,10 +203,18 @@ class UnlearnData:
                 data_file(getattr(self, name))
         if self.harm_labels:
             data_file(self.harm_labels, (".jsonl",))
+        require_finite(self, "forget_share", "holdout_share")
+        require(self.forget_share > 0 and self.holdout_share > 0 and
+                self.forget_share + self.holdout_share < 1,
+                "forget_share and holdout_share must be positive with a sum below 1 (the rest "
+                f"is retained), got {self.forget_share} and {self.holdout_share}")  # fmt: skip
 
     def build(self, lm: LoadedModel, seed: int = 0, **options: object) -> Scenario:
         """The examples: the scenario's split for ``seed`` (``options`` go to it, e.g. the
         ``known`` facts), or the files (the same whatever the seed)."""
+        if self.scenario == "facts":
+            options = {"forget_fraction": self.forget_share,
+                       "holdout_fraction": self.holdout_share, **options}  # fmt: skip
         if self.scenario is not None:
             return get_scenario(self.scenario, lm, seed, **options)
         sets = [load_examples(path) if path else [] for path in (self.retain, self.holdout)]

@@ -10,12 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from optlab.core.data import read_text_file
 from optlab.core.models import LoadedModel
 from optlab.errors import OptlabError
 from optlab.eval.scorer import Scorer
 from optlab.eval.tasks import Task, register_prefix
-from optlab.unlearning.data import load_examples
+from optlab.unlearning.data import run_sets
 from optlab.unlearning.metrics import EvalConfig, evaluate_model
 
 
@@ -30,11 +29,7 @@ def unlearn_task(run: str) -> Task:
 
     def task(scorer: Scorer, *, limit: int | None = None, seq_len: int | None = None,
              **_: Any) -> dict:  # fmt: skip
-        sets = []
-        for part in ("forget", "retain", "holdout"):  # an empty set is saved as an empty file
-            path = folder / f"{part}.jsonl"
-            text = read_text_file(path, f"{part} set", allow_empty=True)
-            sets.append(load_examples(path) if text.strip() else [])
+        sets = list(run_sets(folder).values())
         lm = LoadedModel(scorer.model, scorer.tokenizer, str(folder))
         given = {"samples": limit, "ppl_seq_len": seq_len}  # the rest: EvalConfig's defaults
         config = EvalConfig(**{k: v for k, v in given.items() if v is not None})

@@ -38,7 +38,7 @@ from optlab.core.train import (
 )
 from optlab.errors import OptlabError
 from optlab.unlearning.data import Batch, Example, encode
-from optlab.unlearning.losses import LOSSES, Loss, LossInputs, offered_methods
+from optlab.unlearning.losses import LOSSES, Loss, LossInputs, answer_ce, offered_methods
 
 log = logging.getLogger("optlab")
 
@@ -55,6 +55,21 @@ class UnlearnConfig:
     divide it); ``random_answers`` is the K of
     ``ga_kl_rand``; ``retain_weight`` weighs the retain term (graddiff, npo: retain CE;
     ga_kl_rand: its KL); ``stop_forget_ce`` ends training once the forget cross-entropy exceeds it.
+
+    ``saliency`` is SURE (Zhang et al., "Catastrophic Failure of LLM Unlearning via
+    Quantization", ICLR 2025, arXiv 2410.16454, section 5): small unlearning updates round
+    back to the original weights' grid points when the model is quantized, so the forgotten
+    knowledge returns; a larger learning rate moves weights across grid points, and
+    restricting the update to the modules most salient for the forget set (the largest
+    ||grad of the forget loss|| at the start) keeps that larger step from wrecking utility.
+    The paper thresholds each module's gradient norm at a fixed gamma; a share is asked for
+    here instead (gamma = the norm of the last module kept), as gradient norms scale with the
+    model and the data and a share means the same on every model. Candidates are the weight
+    matrices of the decoder blocks (what quantization and pruning touch); the forget loss is
+    the forget cross-entropy (NPO's gradient at the start is GA's, up to a constant).
+    Chosen over a margin that outlives one quantization step because it needs no knowledge of
+    the quantizer's grid (any bit width, RTN or GPTQ) and is the method the finding's authors
+    propose and measure.
 
     ``seed`` defaults to 0, the seed ``optlab unlearn --seed`` has always defaulted to (and
     every other command's), not Yao et al.'s 8888: a seed is no hyperparameter, and the runs
@@ -77,6 +92,9 @@ class UnlearnConfig:
     beta: float = option(1.0, "NPO beta")
     retain_weight: float = option(1.0, "retain term weight: graddiff/npo CE, ga_kl_rand KL")
     stop_forget_ce: float | None = option(None, "stop once forget CE exceeds this")
+    saliency: float | None = option(None, "SURE: train only this share of the block linears, "
+                                    "those with the largest forget-loss gradient norm (pair "
+                                    "with a larger --lr)", metavar="SHARE")  # fmt: skip
     max_length: int = option(256, "tokens per example (longer ones keep their start)")
     seed: int = option(0, "data order, random answers, adapters (the command's --seed)",
                        cli=False)  # fmt: skip
@@ -92,6 +110,12 @@ class UnlearnConfig:
                 f"{self.retain_weight}")  # fmt: skip
         require(0 <= self.warmup < 1, f"warmup is a fraction of the steps in [0, 1), got "
                 f"{self.warmup}")  # fmt: skip
+        if self.saliency is not None:
+            require_finite(self, "saliency")
+            require(0 < self.saliency <= 1, f"saliency is a share of the block linears in "
+                    f"(0, 1], got {self.saliency}")  # fmt: skip
+            require(not self.lora, "--saliency picks whole weight matrices to train; it does "
+                    "not combine with --lora")  # fmt: skip
 
     @property
     def loss(self) -> Loss:
@@ -102,11 +126,20 @@ class UnlearnConfig:
 @dataclass(frozen=True)
 class TeachConfig:
     """How a scenario that must first be learnt (``book``) is taught: LoRA fine-tuning on the
-    forget set, merged, before the oracle is copied and unlearning starts."""
+    forget set, merged (or, with ``full``, fine-tuning of every weight), before the oracle is
+    copied and unlearning starts.
+
+    On the default model (SmolLM2-135M, book seed 1, 15 taught passages of 64 tokens) the
+    LoRA default leaves memorisation near the untaught level (ROUGE-L of the greedy
+    continuation 0.07 untaught, about 0.09 taught); ``full`` at lr 1e-4 for the 100 steps
+    reaches ROUGE-L 0.92 (exact match 0.92) on the taught passages and 0.10 on the held-out
+    ones. The defaults stay LoRA, so runs made before replay unchanged."""
 
     steps: int = option(100, "book: LoRA steps that teach the passages first",
                         flag="--teach-steps")  # fmt: skip
     lr: float = option(1e-3, "book: teaching lr", flag="--teach-lr")
+    full: bool = option(False, "book: teach by full fine-tuning, not LoRA on q/v (with "
+                        "--teach-lr 1e-4 it memorises)", flag="--teach-full")  # fmt: skip
 
     def __post_init__(self) -> None:
         require_positive(self, "steps")
@@ -116,7 +149,8 @@ class TeachConfig:
     def training(self) -> UnlearnConfig:
         # Seed 0 whatever the run's seed: the teaching stage is the same for every run of a
         # scenario split, as it always was (a sweep's seeds vary the split and the unlearning).
-        return UnlearnConfig(method="finetune", lora=True, lr=self.lr, steps=self.steps, seed=0)
+        return UnlearnConfig(method="finetune", lora=not self.full, lr=self.lr,
+                             steps=self.steps, seed=0)  # fmt: skip
 
 
 @dataclass
@@ -153,6 +187,51 @@ def add_qv_adapters(model: nn.Module, rank: int, alpha: float) -> list[str]:
     for name, linear in _qv_projections(model).items():
         replace_module(model, name, LoraLinear(linear, rank, alpha))
     return [f"{name}.weight" for name in adapters_of(model)]  # their names once merged
+
+
+def block_linear_weights(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every decoder-block weight matrix by parameter name (what quantization and pruning
+    change, and what SURE chooses from)."""
+    anatomy = Anatomy.of(model)
+    return {f"{anatomy.blocks_path}.{index}.{name}.weight": linear.weight
+            for index, block in enumerate(anatomy.blocks)
+            for name, linear in anatomy.linears(block).items()}  # fmt: skip
+
+
+def salient_weights(
+    model: nn.Module,
+    tokenizer: Any,
+    forget: list[Example],
+    share: float,
+    max_length: int = 256,
+    batch_size: int = 8,
+) -> tuple[list[str], dict[str, float]]:
+    """SURE's module saliency: the L2 norm of the gradient of the forget cross-entropy (its
+    mean over the whole forget set) with respect to each block weight matrix, at the model
+    as it is; returns the ``share`` of them with the largest norms (at least one; ties keep
+    the model's order) and every norm. The model's gradients and ``requires_grad`` flags are
+    left as they were."""
+    weights = block_linear_weights(model)
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    model.requires_grad_(False)
+    for weight in weights.values():
+        weight.requires_grad_(True)
+        weight.grad = None
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, len(forget), batch_size):
+            chunk = forget[start : start + batch_size]
+            batch = encode(tokenizer, chunk, max_length).to(device)
+            (answer_ce(model, batch) * len(chunk) / len(forget)).backward()
+        norms = {name: float(w.grad.norm()) if w.grad is not None else 0.0
+                 for name, w in weights.items()}  # fmt: skip
+    finally:
+        for param in model.parameters():
+            param.grad = None
+            param.requires_grad_(flags[id(param)])
+    keep = max(1, round(share * len(norms)))
+    ranked = sorted(norms, key=lambda name: -norms[name])  # stable: ties in model order
+    return ranked[:keep], norms
 
 
 class _Sampler:
@@ -201,7 +280,16 @@ def unlearn(
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     requires_grad = {id(p): p.requires_grad for p in model.parameters()}
     trained = trained_names(model, config.lora)
-    model.requires_grad_(not config.lora)
+    saliency: dict[str, Any] = {}
+    if config.saliency is not None and forget:  # SURE: only the salient weights train
+        trained, norms = salient_weights(model, tokenizer, forget, config.saliency,
+                                         config.max_length)  # fmt: skip
+        saliency = {"salient": trained, "saliency_gamma": norms[trained[-1]],
+                    "saliency_candidates": len(norms)}  # fmt: skip
+    model.requires_grad_(not config.lora and not saliency)
+    if saliency:
+        for name, param in model.named_parameters():
+            param.requires_grad_(name in trained)
     if config.lora:
         add_qv_adapters(model, config.rank, config.alpha)
     if reference is not None:  # accelerate may move the trained model to its own device
@@ -282,5 +370,6 @@ def unlearn(
         "final_parts": last,
         "train_seconds": seconds,
         "trained_tensors": len(trained),
+        **saliency,
     }
     return UnlearnResult(metrics, trained)

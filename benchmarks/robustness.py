@@ -1,0 +1,151 @@
+"""Robustness benchmark: does quantization, pruning or relearning bring unlearned knowledge back?
+
+For each scenario (facts, book) and each method (npo, ga, graddiff, and SURE: npo with
+--saliency and a larger learning rate), one `optlab unlearn` run and one `optlab audit
+robustness` run of it. Prints, per attack, the forget metric (FA for facts, verbatim ROUGE-L
+for the book) of the model before unlearning, the unlearned one and the attacked one, the
+share of the knowledge kept ((attacked) / before, the paper's measure) beside Zhang et al.'s
+published 21% (full precision) -> 83% (4-bit), the recovery ratio (attacked - unlearned) /
+(before - unlearned) with its 95% interval, and retain accuracy / perplexity.
+
+    python benchmarks/robustness.py                      # default model: hours on 2 CPU cores
+    python benchmarks/robustness.py --device cuda        # the same on a GPU
+    python benchmarks/robustness.py --scenarios facts --methods npo --attacks quant:rtn4 \
+        --steps 20 --samples 20 --eval-limit 2           # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+from prune import optlab, row
+
+# Zhang et al., "Catastrophic Failure of LLM Unlearning via Quantization" (ICLR 2025, arXiv
+# 2410.16454): unlearning with a utility term (GA_GDR, GA_KLR, NPO_GDR, NPO_KLR on MUSE
+# NEWS/BOOKS) keeps on average 21% of the forgotten knowledge at full precision and 83% after
+# 4-bit quantization; 8-bit barely changes it (e.g. GA_KLR verbatim memorisation 14.1 at full
+# precision and 33.8 at 4-bit).
+PUBLISHED = {"none": 0.21, "quant:rtn4": 0.83, "quant:gptq4": 0.83}
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def unlearn_flags(args: argparse.Namespace, scenario: str, method: str) -> list[str]:
+    robust = method == "sure"
+    flags = ["--method", "npo" if robust else method, "--steps", str(args.steps),
+             "--lr", str(args.sure_lr if robust else args.lr), "--seed", str(args.seed),
+             "--samples", str(args.samples), "--max-new-tokens", str(args.max_new_tokens),
+             "--eval-limit", str(args.eval_limit), "--eval-seq-len", str(args.eval_seq_len),
+             "--device", args.device]  # fmt: skip
+    if robust:
+        flags += ["--saliency", str(args.saliency)]
+    if scenario == "facts":
+        flags += ["--forget-share", str(args.forget_share)]
+    else:
+        teach_lr = args.teach_lr or (1e-3 if args.teach_lora else 1e-4)
+        flags += ["--teach-steps", str(args.teach_steps), "--teach-lr", str(teach_lr)]
+        flags += [] if args.teach_lora else ["--teach-full"]
+    return flags
+
+
+def audit(args: argparse.Namespace, run: Path, out: Path) -> dict:
+    optlab("audit", "robustness", str(run), "--attacks", args.attacks, "--samples",
+           str(args.samples), "--max-new-tokens", str(args.max_new_tokens), "--eval-limit",
+           str(args.eval_limit), "--eval-seq-len", str(args.eval_seq_len), "--n-calib",
+           str(args.n_calib), "--skeb-limit", str(args.skeb_limit), "--relearn-steps",
+           str(args.relearn_steps), "--device", args.device, "--out", str(out))  # fmt: skip
+    return json.loads((out / "metrics.json").read_text())
+
+
+def table(scenario: str, method: str, found: dict, seconds: float) -> None:
+    metric = found["recovery_metric"]
+    before = found["models"]["before"]["none"]
+    unlearned = found["models"]["unlearned"]
+    for attack, metrics in unlearned.items():
+        base = found["models"]["before"].get(attack, {})
+        kept = metrics[metric] / before[metric] if before[metric] else math.nan
+        cell = found["recovery"].get(attack, {}).get(metric, {})
+        ratio = cell.get("ratio")
+        interval = "-" if cell.get("low") is None else f"[{cell['low']:.2f}, {cell['high']:.2f}]"
+        row(scenario, method, attack, metric, fmt(before[metric]), fmt(base.get(metric)),
+            fmt(metrics[metric]), f"{100 * kept:.0f}%" if math.isfinite(kept) else "-",
+            f"{100 * PUBLISHED[attack]:.0f}%" if attack in PUBLISHED else "-",
+            fmt(ratio, 2), interval, fmt(metrics.get("RA")), fmt(metrics.get("ppl"), 2),
+            f"{seconds:.0f}" if attack == "none" else "")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--scenarios", default="facts,book")
+    parser.add_argument("--methods", default="npo,ga,graddiff,sure",
+                        help="sure = npo with --saliency and --sure-lr")  # fmt: skip
+    parser.add_argument(
+        "--attacks", default="quant:rtn4,quant:rtn8,quant:gptq4,prune:wanda50,relearn:20"
+    )
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--saliency", type=float, default=0.1)
+    parser.add_argument("--sure-lr", type=float, default=1e-4)
+    parser.add_argument("--forget-share", type=float, default=0.2)
+    parser.add_argument("--teach-steps", type=int, default=100)
+    # Full fine-tuning, 100 steps at 1e-4: ROUGE-L 0.92 on the taught passages (0.07
+    # untaught); the scenario's default LoRA teaching (lr 1e-3) reaches only 0.09.
+    parser.add_argument("--teach-lr", type=float, help="default 1e-4 (full), 1e-3 (LoRA)")
+    parser.add_argument("--teach-lora", action="store_true", help="teach by LoRA on q/v")
+    parser.add_argument("--samples", type=int, default=60)
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--eval-limit", type=int, default=10)
+    parser.add_argument("--eval-seq-len", type=int, default=512)
+    parser.add_argument("--n-calib", type=int, default=16)
+    parser.add_argument("--skeb-limit", type=int, default=20)
+    parser.add_argument("--relearn-steps", type=int, default=20)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--keep", help="keep the runs in this folder (default: a temporary one)")
+    args = parser.parse_args()
+    print(
+        f"model {args.model} on {args.device}; {args.steps} steps at lr {args.lr} (SURE: "
+        f"lr {args.sure_lr}, saliency {args.saliency}); seed {args.seed}; attacks "
+        f"{args.attacks}; perplexity on {args.eval_limit} x {args.eval_seq_len} tokens\n"
+    )
+    row(
+        "scenario",
+        "method",
+        "attack",
+        "metric",
+        "before",
+        "before attacked",
+        "unlearned (attacked)",
+        "kept",
+        "published kept",
+        "recovery",
+        "95% CI",
+        "RA",
+        "ppl",
+        "s",
+    )
+    row(*["---"] * 14)
+    with tempfile.TemporaryDirectory(prefix="optlab-bench-") as scratch:
+        work = Path(args.keep or scratch)
+        for scenario in args.scenarios.split(","):
+            for method in args.methods.split(","):
+                start = time.perf_counter()
+                run = work / f"{scenario}-{method}"
+                optlab("unlearn", args.model, "--scenario", scenario,
+                       *unlearn_flags(args, scenario, method), "--out", str(run))  # fmt: skip
+                found = audit(args, run, work / f"{scenario}-{method}-audit")
+                table(scenario, method, found, time.perf_counter() - start)
+
+
+if __name__ == "__main__":
+    main()
