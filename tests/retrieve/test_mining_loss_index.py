@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from optlab.core.models import load_model
+from optlab.core.stats import bootstrap_ci
 from optlab.eval.scorer import Scorer
 from optlab.retrieve.infer import (
     PromptIndex,
     bm25_selector,
-    bootstrap_ci,
     fit_prompts,
     random_selector,
 )
@@ -113,6 +113,8 @@ def test_bm25_and_random_baselines() -> None:
 
 def test_bootstrap_interval_brackets_the_mean() -> None:
     values = [1.0] * 30 + [0.0] * 70
-    low, high = bootstrap_ci(values, 500)
+    found = bootstrap_ci(values, resamples=500)
+    low, high = found["low"], found["high"]
     assert low < 0.3 < high and high - low < 0.25
-    assert bootstrap_ci([1.0] * 5, 100) == (1.0, 1.0)
+    same = bootstrap_ci([1.0] * 5, resamples=100)
+    assert (same["low"], same["high"]) == (1.0, 1.0)

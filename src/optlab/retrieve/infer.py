@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from optlab.core.stats import bootstrap_ci
 from optlab.errors import OptlabError
 from optlab.eval.scorer import Scorer
 from optlab.retrieve.retriever import encode, load_encoder, minilm_path
@@ -173,14 +174,6 @@ def answer_scores(
     return out
 
 
-def bootstrap_ci(values: Sequence[float], n: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap 95% interval of the mean."""
-    data = np.asarray(values, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    means = data[rng.integers(0, len(data), size=(n, len(data)))].mean(axis=1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
 def evaluate_methods(
     scorer: Scorer,
     pool: Sequence[Example],
@@ -209,8 +202,8 @@ def evaluate_methods(
                        for r in ranked]  # fmt: skip
             contexts = [lm_context(p, e.input) for p, e in zip(prompts, examples, strict=True)]
             scores = answer_scores(scorer, examples, contexts, max_new_tokens)
-            low, high = bootstrap_ci(scores, bootstrap, seed)
-            row[method] = {"mean": float(np.mean(scores)), "ci95": [low, high],
+            found = bootstrap_ci(scores, resamples=bootstrap, seed=seed)
+            row[method] = {"mean": float(np.mean(scores)), "ci95": [found["low"], found["high"]],
                            "prompts": float(np.mean([len(p) for p in prompts]))}  # fmt: skip
             results["examples"].setdefault(method, contexts[0])
     for method in selectors:
