@@ -18,24 +18,20 @@ from optlab.audit import robustness as rb
 from optlab.audit import skeb
 from optlab.audit.robustness import NONE, Attack, RobustnessConfig
 from optlab.core.calibration import Calibration
-from optlab.core.config import config_from_dict
+from optlab.core.config import METHODS, config_from_dict
 from optlab.core.files import read_json_object
 from optlab.core.job import Job, Result
 from optlab.core.models import LoadedModel, load_model
 from optlab.core.run import Run, atomic_write, require_run_kind
 from optlab.core.stats import bootstrap_ci, paired_bootstrap
 from optlab.errors import OptlabError
-from optlab.pruning.pruner import MagnitudeConfig, SparseGPTConfig, WandaConfig
-from optlab.quant.quantize import GPTQConfig, RTNConfig, UniformConfig
+from optlab.quant.quantize import UniformConfig
 from optlab.unlearning.data import Example, run_sets
 from optlab.unlearning.job import with_model
 from optlab.unlearning.metrics import EvalConfig, evaluate_model
 from optlab.unlearning.trainer import TeachConfig, UnlearnConfig, unlearn
 
 log = logging.getLogger("optlab")
-
-PRUNERS = {"magnitude": MagnitudeConfig, "wanda": WandaConfig, "sparsegpt": SparseGPTConfig}
-QUANTIZERS = {"rtn": RTNConfig, "gptq": GPTQConfig}
 
 
 @dataclass
@@ -207,13 +203,13 @@ def apply_attack(
 ) -> dict[str, Any]:
     """Attack ``lm`` in place through the public commands; returns what the attack reports."""
     if attack.kind == "quant":
-        quantizer = QUANTIZERS[attack.method](group_size=config.group_size)
+        quantizer = METHODS.get("quantizer", attack.method).config(group_size=config.group_size)
         found = quantize(lm, UniformConfig(uniform=attack.amount), quantizer=quantizer,
                          calib=calib, seed=seed, progress=progress)  # fmt: skip
         return {"avg_bits": found["avg_bits"]}
     if attack.kind == "prune":
-        found = prune(lm, PRUNERS[attack.method](sparsity=attack.amount / 100), calib=calib,
-                      seed=seed, progress=progress)  # fmt: skip
+        pruner = METHODS.get("prune", attack.method).config(sparsity=attack.amount / 100)
+        found = prune(lm, pruner, calib=calib, seed=seed, progress=progress)
         return {"sparsity": found["sparsity"]["total"]}
     assert relearn is not None  # check_attacks built every relearning set
     training = UnlearnConfig(method="finetune", lora=not config.relearn_full,
