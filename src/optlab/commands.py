@@ -257,6 +257,9 @@ register_command(Command(
     "Quantization-robust (SURE, arXiv 2410.16454): --saliency 0.1 --lr 1e-4 trains only the\n"
     "10% of block weight matrices with the largest forget-gradient norm, at a larger lr, so\n"
     "the forgetting outlives 4-bit rounding (`optlab audit robustness RUN` checks it).\n"
+    "Quantization-aware (a known deployment format): --quant-aware q4_1 --lr 1e-4 computes\n"
+    "the loss on the weights as Q4_1 rounds them (straight-through) and saves them on that\n"
+    "grid, so the model's Q4_1 GGUF file forgets what the run forgot.\n"
     "Sweep: optlab unlearn sweep MODEL --scenario facts --methods ga,npo --seeds 1,2,3\n"
     "       --out DIR   (writes DIR/runs.csv, the input of the reliability audit)\n"
     "Runs on HF Accelerate: `accelerate launch -m optlab.cli unlearn ...` uses many GPUs.",
@@ -378,6 +381,9 @@ register_command(Command(
     "exact_match), RA, perplexity,\nthe LOSS / Min-K% membership AUCs and, for question "
     "forget sets, SKeB recall per framing.\nAttacks (--attacks, comma-separated):\n"
     "  quant:rtn4 quant:gptq4 quant:rtn8   uniform B-bit packed weights (RTN or GPTQ)\n"
+    "  gguf:q4_1 gguf:q4_0 gguf:q8_0 ...   the model as a GGUF file of that type holds it\n"
+    "                                      (`optlab export --type T`, read back): what a\n"
+    "                                      llama.cpp / Ollama user of the model runs\n"
     "  prune:wanda50 prune:sparsegpt50     P% unstructured sparsity (or magnitude)\n"
     "  relearn:N                           fine-tune (LoRA on q/v, --relearn-steps) on N\n"
     "                                      retain examples disjoint from the forget set\n"
@@ -392,7 +398,7 @@ register_command(Command(
               Section("eval", EvalConfig(), "evaluation"),
               Section("calib", api.QUANT_CALIB, "calibration (gptq, wanda, sparsegpt)")),
     run=_robustness,
-    examples=("optlab audit robustness runs/facts-npo --attacks quant:rtn4,quant:rtn8,"
+    examples=("optlab audit robustness runs/facts-npo --attacks gguf:q4_1,gguf:q8_0,quant:rtn4,"
               "quant:gptq4,prune:wanda50,relearn:20 --out runs/robust",),
 ))  # fmt: skip
 

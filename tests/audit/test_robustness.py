@@ -80,6 +80,10 @@ def test_paired_bootstrap_keeps_the_pairing() -> None:
 def test_attack_specs() -> None:
     assert parse_attack("prune:wanda50").amount == 50
     assert parse_attack("relearn:12").kind == "relearn"
+    assert parse_attack("gguf:q5_0") == parse_attack(" gguf:q5_0 ")
+    assert (parse_attack("gguf:q8_0").method, parse_attack("gguf:q8_0").amount) == ("q8_0", 8)
+    with pytest.raises(OptlabError, match="Did you mean 'gguf:q4_1'"):
+        parse_attack("gguf:q4_2")
     with pytest.raises(OptlabError, match="Did you mean 'quant:rtn4'"):
         parse_attack("quant:rnt4")
     with pytest.raises(OptlabError, match="percentage"):

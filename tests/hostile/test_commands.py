@@ -193,6 +193,8 @@ ROBUSTNESS = {
     "relearn more than the retain set": (["--attacks", "relearn:99"], ["needs 99", "has 2"]),
     "bits the packer lacks": (["--attacks", "quant:rtn5"], ["5"]),
     "a repeated attack": (["--attacks", "quant:rtn4,quant:rtn4"], ["repeated"]),
+    "a GGUF file of an OPT model": (["--attacks", "gguf:q4_1"], ["'opt'", "GGUF"]),
+    "a GGUF type optlab does not write": (["--attacks", "gguf:q4_k"], ["Did you mean"]),
 }
 
 

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from optlab.api import audit_robustness, unlearn
 from optlab.audit.robustness import NONE, RobustnessConfig, recovery_ratio
@@ -65,6 +66,50 @@ def test_the_audit_measures_each_attack_and_leaves_the_run_untouched(
     per_example = json.loads((run / "per_example.json").read_text())
     assert len(per_example["unlearned"]["relearn:4"]["FA"]) == 4  # one per forget question
     assert "| unlearned | quant:rtn8 |" in (run / "report.md").read_text()
+
+
+def test_the_gguf_attack_is_the_model_a_gguf_reader_runs(unlearned_run, tmp_path) -> None:
+    """gguf:q4_1 leaves exactly the weights of `optlab export --type q4_1` read back."""
+    from optlab.api import export
+    from optlab.api._robustness import gguf_round_trip
+    from optlab.core.models import load_model
+    from optlab.quant.gguf_export import ExportConfig
+
+    attacked = load_model(str(unlearned_run))
+    found = gguf_round_trip(attacked, "q4_1")
+    export(str(unlearned_run), ExportConfig(weight_type="q4_1"), out=tmp_path / "m.gguf",
+           progress=False)  # fmt: skip
+    read = load_model(str(tmp_path / "m.gguf")).model.state_dict()
+    plain = load_model(str(unlearned_run)).model.state_dict()
+    changed = 0
+    for name, weight in attacked.model.state_dict().items():
+        assert torch.equal(weight, read[name]), name
+        changed += not torch.equal(weight, plain[name])
+    assert changed >= 7 * 2  # every block linear of both blocks was rounded
+    assert found["tensor_types"]["q4_1"] == 14 and found["file_bytes"] > 0
+    config = RobustnessConfig(attacks=("gguf:q4_1",), skeb=False, resamples=50)
+    result = audit_robustness(unlearned_run, config, evaluation=SMALL, progress=False)
+    assert result["models"]["unlearned"]["gguf:q4_1"]["attack"]["tensor_types"]["q4_1"] == 14
+
+
+def test_quant_aware_unlearning_is_its_own_q4_1_file(taught_model, tmp_path) -> None:
+    """`optlab unlearn --quant-aware q4_1`: the saved model's Q4_1 GGUF file holds exactly its
+    weights, so the gguf:q4_1 attack changes nothing (and cannot bring anything back)."""
+    from optlab.api._robustness import gguf_round_trip
+    from optlab.core.models import load_model
+
+    facts = [e for _, e in capital_questions()]
+    out = tmp_path / "qa"
+    unlearn(str(taught_model), UnlearnConfig(method="npo", steps=3, lr=1e-3, quant_aware="q4_1"),
+            data=Scenario("capitals", facts[:4], facts[4:12], facts[12:]), evaluation=SMALL,
+            out=out, progress=False)  # fmt: skip
+    saved = load_model(str(out))
+    attacked = load_model(str(out))
+    gguf_round_trip(attacked, "q4_1")
+    plain = saved.model.state_dict()
+    assert all(torch.equal(w, plain[n]) for n, w in attacked.model.state_dict().items())
+    base = load_model(str(taught_model)).model.state_dict()
+    assert any(not torch.equal(w, base[n]) for n, w in plain.items())  # it did train
 
 
 def test_bad_input_is_refused_before_any_work(unlearned_run, tmp_path) -> None:

@@ -142,3 +142,56 @@ def test_sure_trains_only_the_salient_weights(family) -> None:
         UnlearnConfig(saliency=0.5, lora=True)
     with pytest.raises(OptlabError, match=r"\(0, 1\]"):
         UnlearnConfig(saliency=1.5)
+
+
+@pytest.mark.parametrize("family", ["tiny:llama", "tiny:gpt2"])  # Linear and Conv1D weights
+def test_quant_aware_unlearning_computes_its_loss_on_the_rounded_weights(family) -> None:
+    """--quant-aware q4_1: the loss of the first step is the one of the rounded model (not of
+    the float one), and every block linear ends exactly on the Q4_1 grid (blocks along the
+    input, as a GGUF file stores them), the embeddings and head on Q8_0 (tied ones still
+    tied), so `optlab export --type q4_1` changes nothing; the gradient reaches the float
+    weights (straight-through)."""
+    from optlab.core.anatomy import weight_matrix
+    from optlab.core.grids import round_like
+    from optlab.unlearning.data import encode
+    from optlab.unlearning.losses import answer_ce
+
+    def matrices(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        from optlab.unlearning.trainer import block_linear_weights
+
+        return {name: weight_matrix(model.get_submodule(name.rpartition(".")[0]))
+                for name in block_linear_weights(model)}  # fmt: skip
+
+    lm = load_model(family, seed=0)
+    for module in lm.model.modules():  # tiny:gpt2 has dropout: the losses must be comparable
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    lm.model.config.attn_pdrop = 0.0
+    forget = FORGET[:1]  # batch_size 2 of one example: the first batch is it, twice
+    rounded = copy.deepcopy(lm.model)
+    with torch.no_grad():
+        for matrix in matrices(rounded).values():
+            matrix.copy_(round_like(matrix, "q4_1"))
+        for table in (rounded.get_input_embeddings(), rounded.get_output_embeddings()):
+            table.weight.copy_(round_like(table.weight, "q8_0"))
+        batch = encode(lm.tokenizer, forget * 2)
+        expected, plain = answer_ce(rounded, batch).item(), answer_ce(lm.model, batch).item()
+    assert expected != pytest.approx(plain, rel=1e-6)  # the rounding is visible in the loss
+    config = UnlearnConfig(method="ga", steps=5, lr=1e-3, quant_aware="q4_1")
+    result = unlearn(lm, forget, None, config, progress=False)
+    assert result.metrics["losses"][0] == pytest.approx(-expected, rel=1e-6)
+    weights = matrices(lm.model)
+    assert all(torch.equal(round_like(w, "q4_1"), w) for w in weights.values())
+    start = matrices(rounded)
+    assert any(not torch.equal(weights[n], start[n]) for n in weights)  # trained across the grid
+    assert result.metrics["losses"][-1] < result.metrics["losses"][0]
+    assert not any(n for n, _ in lm.model.named_parameters() if "parametrizations" in n)
+    for table in (lm.model.get_input_embeddings(), lm.model.get_output_embeddings()):
+        assert torch.equal(round_like(table.weight, "q8_0"), table.weight)  # export's embed type
+    model = lm.model
+    tied = rounded.get_input_embeddings().weight is rounded.get_output_embeddings().weight
+    assert (model.get_input_embeddings().weight is model.get_output_embeddings().weight) == tied
+    with pytest.raises(OptlabError, match="does not combine with --lora"):
+        UnlearnConfig(quant_aware="q4_1", lora=True)
+    with pytest.raises(OptlabError, match="q4_1"):
+        UnlearnConfig(quant_aware="q4_k")

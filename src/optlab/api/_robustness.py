@@ -7,13 +7,16 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from transformers import AutoConfig
+
 from optlab.api._base import execute_job
-from optlab.api._compress import QUANT_CALIB, prune, quantize
+from optlab.api._compress import QUANT_CALIB, export, prune, quantize
 from optlab.audit import robustness as rb
 from optlab.audit import skeb
 from optlab.audit.robustness import NONE, Attack, RobustnessConfig
@@ -25,6 +28,8 @@ from optlab.core.models import LoadedModel, load_model
 from optlab.core.run import Run, atomic_write, require_run_kind
 from optlab.core.stats import bootstrap_ci, paired_bootstrap
 from optlab.errors import OptlabError
+from optlab.quant.gguf_arch import family_of
+from optlab.quant.gguf_export import ExportConfig
 from optlab.quant.quantize import UniformConfig
 from optlab.unlearning.data import Example, run_sets
 from optlab.unlearning.job import with_model
@@ -82,6 +87,8 @@ def check_attacks(attacks: list[Attack], source: Source, evaluation: EvalConfig)
     for attack in attacks:
         if attack.kind == "quant":
             UniformConfig(uniform=attack.amount)  # the bit widths the packer offers
+        elif attack.kind == "gguf":  # a family GGUF export refuses (OPT) fails now
+            family_of(AutoConfig.from_pretrained(source.path / "model"))
         elif attack.kind == "relearn":
             relearn[attack.spec] = rb.relearn_set(source.sets["forget"], source.sets["retain"],
                                                   attack.amount, evaluation.samples)  # fmt: skip
@@ -100,9 +107,10 @@ def audit_robustness(
     progress: bool = True,
 ) -> Result:
     """Does compression bring forgotten knowledge back (Zhang et al., arXiv 2410.16454)?
-    Apply each attack of ``config`` (``quant:rtn4``, ``quant:gptq4``, ``prune:wanda50``,
-    ``relearn:N``, ...) to the unlearned model of ``run`` and to the model before unlearning
-    (the run's base model, taught again when the scenario taught it), measure every one
+    Apply each attack of ``config`` (``quant:rtn4``, ``quant:gptq4``, ``gguf:q4_1``,
+    ``prune:wanda50``, ``relearn:N``, ...) to the unlearned model of ``run`` and to the model
+    before unlearning (the run's base model, taught again when the scenario taught it),
+    measure every one
     (``evaluation``: FA / verbatim memorisation, RA, perplexity, LOSS / Min-K% AUCs; SKeB
     recall per framing for question forget sets) and report the recovery ratio
     (attacked - unlearned) / (before - unlearned) per attack with paired bootstrap 95%
@@ -207,6 +215,8 @@ def apply_attack(
         found = quantize(lm, UniformConfig(uniform=attack.amount), quantizer=quantizer,
                          calib=calib, seed=seed, progress=progress)  # fmt: skip
         return {"avg_bits": found["avg_bits"]}
+    if attack.kind == "gguf":
+        return gguf_round_trip(lm, attack.method)
     if attack.kind == "prune":
         pruner = METHODS.get("prune", attack.method).config(sparsity=attack.amount / 100)
         found = prune(lm, pruner, calib=calib, seed=seed, progress=progress)
@@ -217,6 +227,18 @@ def apply_attack(
                              batch_size=config.relearn_batch, seed=seed)  # fmt: skip
     found = unlearn(lm, relearn, None, training, progress=progress).metrics
     return {"examples": len(relearn), "final_loss": found["final_parts"].get("forget_ce")}
+
+
+def gguf_round_trip(lm: LoadedModel, weight_type: str) -> dict[str, Any]:
+    """``lm``'s weights replaced, in place, by what a GGUF reader computes from the file
+    ``optlab export --type weight_type`` writes of it (block linears in that type, embeddings
+    and head Q8_0, norms F32): the model a llama.cpp user of the unlearned model runs."""
+    with tempfile.TemporaryDirectory(prefix="optlab-gguf-attack-") as scratch:
+        path = Path(scratch) / "model.gguf"
+        summary = export(lm, ExportConfig(weight_type=weight_type), out=path, progress=False)
+        read = load_model(str(path), dtype=lm.dtype_name, device=str(lm.device))
+        lm.model.load_state_dict(read.model.state_dict())
+    return {"file_bytes": summary["file_bytes"], "tensor_types": summary["tensor_types"]}
 
 
 def skeb_probe(

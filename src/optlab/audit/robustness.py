@@ -19,6 +19,8 @@ with ``before`` and ``unlearned`` at full precision: 0 = the attack brings nothi
 
 >>> parse_attack("quant:gptq4")
 Attack(spec='quant:gptq4', kind='quant', method='gptq', amount=4)
+>>> parse_attack("gguf:q4_1")
+Attack(spec='gguf:q4_1', kind='gguf', method='q4_1', amount=4)
 >>> recovery_ratio(attacked=0.5, unlearned=0.2, before=0.8)
 0.5
 """
@@ -34,15 +36,17 @@ from typing import Any
 from optlab.core.config import configurable, option, require, require_finite, require_positive
 from optlab.errors import OptlabError, did_you_mean
 
-# kind -> the pattern of what follows "kind:" (method and amount).
+# kind -> the pattern of what follows "kind:" (its method and amount).
 ATTACK_FORMS = {
-    "quant": re.compile(r"(rtn|gptq)(\d+)"),  # uniform B-bit weights, packed
-    "prune": re.compile(r"(magnitude|wanda|sparsegpt)(\d+)"),  # P% unstructured sparsity
-    "relearn": re.compile(r"()(\d+)"),  # fine-tune on N examples disjoint from the forget set
+    "quant": re.compile(r"(?P<method>rtn|gptq)(?P<amount>\d+)"),  # uniform B-bit, packed
+    # The model as a GGUF file of that type runs it (llama.cpp, Ollama): amount = its bits.
+    "gguf": re.compile(r"(?P<method>q8_0|q5_1|q5_0|q4_1|q4_0)"),
+    "prune": re.compile(r"(?P<method>magnitude|wanda|sparsegpt)(?P<amount>\d+)"),  # P% sparsity
+    "relearn": re.compile(r"(?P<method>)(?P<amount>\d+)"),  # fine-tune on N disjoint examples
 }
-ATTACK_EXAMPLES = ("quant:rtn4", "quant:rtn8", "quant:gptq4", "quant:gptq8",
-                   "prune:magnitude50", "prune:wanda50", "prune:sparsegpt50",
-                   "relearn:N")  # fmt: skip
+ATTACK_EXAMPLES = ("quant:rtn4", "quant:rtn8", "quant:gptq4", "quant:gptq8", "gguf:q4_0",
+                   "gguf:q4_1", "gguf:q5_0", "gguf:q5_1", "gguf:q8_0", "prune:magnitude50",
+                   "prune:wanda50", "prune:sparsegpt50", "relearn:N")  # fmt: skip
 NONE = "none"  # the table's row of each model as it is
 
 # Forget-side metrics (higher = more of the forget set known): what a recovery ratio is of.
@@ -57,8 +61,10 @@ SKEB = "skeb_"  # prefix of the SKeB recall per framing (skeb_plain, skeb_author
 
 @dataclass(frozen=True)
 class Attack:
-    """One attack: ``quant`` (``amount`` bits, ``method`` rtn or gptq), ``prune`` (``amount``
-    percent sparsity by ``method``) or ``relearn`` (fine-tuning on ``amount`` examples)."""
+    """One attack: ``quant`` (``amount`` bits, ``method`` rtn or gptq), ``gguf`` (the model
+    written as a GGUF file with block linears of type ``method``, ``amount`` bits, and read
+    back), ``prune`` (``amount`` percent sparsity by ``method``) or ``relearn`` (fine-tuning on
+    ``amount`` examples)."""
 
     spec: str
     kind: str
@@ -67,14 +73,16 @@ class Attack:
 
 
 def parse_attack(spec: str) -> Attack:
-    """An attack from its spec (``quant:rtn4``, ``prune:wanda50``, ``relearn:20``); a typo
-    gets the closest valid forms."""
+    """An attack from its spec (``quant:rtn4``, ``gguf:q4_1``, ``prune:wanda50``,
+    ``relearn:20``); a typo gets the closest valid forms."""
     kind, _, rest = str(spec).strip().partition(":")
     form = ATTACK_FORMS.get(kind)
     found = form.fullmatch(rest) if form else None
     if found is None:
         raise did_you_mean("attack", str(spec), ATTACK_EXAMPLES)
-    method, amount = found.group(1), int(found.group(2))
+    method = found.group("method")
+    # A GGUF type names its bits: q4_1 -> 4.
+    amount = int(found.group("amount") if "amount" in form.groupindex else method[1])
     if kind == "prune" and not 0 < amount < 100:
         raise OptlabError(f"attack {spec!r}: the sparsity is a percentage in 1..99")
     if kind == "relearn" and amount < 1:
@@ -93,7 +101,8 @@ class RobustnessConfig:
 
     attacks: tuple[str, ...] = option(
         ("quant:rtn4", "quant:rtn8"),
-        "comma-separated: quant:rtnB|gptqB (B bits: 2, 3, 4, 8), "
+        "comma-separated: quant:rtnB|gptqB (B bits: 2, 3, 4, 8), gguf:q4_0|q4_1|q5_0|q5_1|q8_0 "
+        "(the model as `optlab export --type T` writes it and llama.cpp runs it), "
         "prune:magnitudeP|wandaP|sparsegptP (P% sparsity), relearn:N (N disjoint examples)",
         metavar="A1,A2",
     )

@@ -83,7 +83,7 @@ def prepare(
         info["teaching"] = {k: v for k, v in taught.metrics.items() if k != "losses"}
     oracle = with_model(lm, before)
     if scenario.retain or config.loss.needs_retain:  # no retain set: fail here, not later
-        oracle_config = replace(config, method="retain_only", stop_forget_ce=None)
+        oracle_config = replace(config, method="retain_only", stop_forget_ce=None, quant_aware=None)
         unlearn(oracle, [], scenario.retain, oracle_config, progress=progress)
     else:
         log.warning("no retain set: the oracle is the model before teaching, untrained")

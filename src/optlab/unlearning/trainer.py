@@ -13,6 +13,7 @@ a plain Hugging Face model.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import random
@@ -22,9 +23,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
+from transformers.pytorch_utils import Conv1D
 
 from optlab.core.anatomy import Anatomy
 from optlab.core.config import configurable, option, require, require_finite, require_positive
+from optlab.core.grids import GRIDS, round_like
 from optlab.core.lora import LoraLinear, adapters_of, merge_adapters
 from optlab.core.models import LoadedModel
 from optlab.core.modules import replace_module
@@ -67,9 +71,18 @@ class UnlearnConfig:
     model and the data and a share means the same on every model. Candidates are the weight
     matrices of the decoder blocks (what quantization and pruning touch); the forget loss is
     the forget cross-entropy (NPO's gradient at the start is GA's, up to a constant).
-    Chosen over a margin that outlives one quantization step because it needs no knowledge of
-    the quantizer's grid (any bit width, RTN or GPTQ) and is the method the finding's authors
-    propose and measure.
+    Chosen first because it needs no knowledge of the quantizer's grid (any bit width, RTN or
+    GPTQ) and is the method the finding's authors propose and measure.
+
+    ``quant_aware`` is the other answer, for a known deployment format: quantization-aware
+    training (the straight-through estimator, Bengio et al. 2013, arXiv 1308.3432; Jacob et
+    al. 2018, arXiv 1712.05877) applied to unlearning. Every block linear is first rounded to
+    GGUF type T's grid; the trained ones then enter every forward pass as their T rounding,
+    with the gradient passed straight through to the float weights, and are left rounded at
+    the end. The loss is therefore computed on exactly the weights a T file holds, and a
+    model whose weights lie on T's grid is written to T without change: the forgetting
+    cannot round away (SURE's larger steps did not outlive Q4_1 on the default model, whose
+    weights sit on that grid; see BENCHMARKS.md). Other grids are an attack to measure.
 
     ``seed`` defaults to 0, the seed ``optlab unlearn --seed`` has always defaulted to (and
     every other command's), not Yao et al.'s 8888: a seed is no hyperparameter, and the runs
@@ -95,6 +108,10 @@ class UnlearnConfig:
     saliency: float | None = option(None, "SURE: train only this share of the block linears, "
                                     "those with the largest forget-loss gradient norm (pair "
                                     "with a larger --lr)", metavar="SHARE")  # fmt: skip
+    quant_aware: str | None = option(None, "unlearn on the weights as GGUF type T stores them "
+                                     "(straight-through); the saved block linears lie on T's "
+                                     "grid, so a T file keeps the forgetting",
+                                     metavar="T", choices=GRIDS)  # fmt: skip
     max_length: int = option(256, "tokens per example (longer ones keep their start)")
     seed: int = option(0, "data order, random answers, adapters (the command's --seed)",
                        cli=False)  # fmt: skip
@@ -116,6 +133,11 @@ class UnlearnConfig:
                     f"(0, 1], got {self.saliency}")  # fmt: skip
             require(not self.lora, "--saliency picks whole weight matrices to train; it does "
                     "not combine with --lora")  # fmt: skip
+        if self.quant_aware is not None:
+            require(self.quant_aware in GRIDS, f"quant_aware is a GGUF type of "
+                    f"{', '.join(GRIDS)}, got {self.quant_aware!r}")  # fmt: skip
+            require(not self.lora, "--quant-aware rounds the weights themselves; it does not "
+                    "combine with --lora")  # fmt: skip
 
     @property
     def loss(self) -> Loss:
@@ -196,6 +218,93 @@ def block_linear_weights(model: nn.Module) -> dict[str, nn.Parameter]:
     return {f"{anatomy.blocks_path}.{index}.{name}.weight": linear.weight
             for index, block in enumerate(anatomy.blocks)
             for name, linear in anatomy.linears(block).items()}  # fmt: skip
+
+
+class _RoundThrough(torch.autograd.Function):
+    """Forward: exactly the GGUF rounding (w + (r - w).detach() is r only up to float error).
+    Backward: the gradient passed to the float weight unchanged (straight-through)."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor, grid: str) -> torch.Tensor:
+        return round_like(weight, grid)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+@dataclass
+class _Gridded:
+    """A weight on a GGUF grid under --quant-aware: its module, type and layout."""
+
+    module: nn.Module
+    grid: str
+    transposed: bool  # GPT-2 Conv1D (in, out): rounded as (out, in), GGUF's layout
+    carried: bool = False  # trained through the rounding (a parametrization until baked)
+
+    def matrix(self) -> torch.Tensor:
+        """The (rows, columns) view GGUF blocks run along, sharing the weight's storage."""
+        weight = self.module.weight.data
+        return weight.t() if self.transposed else weight
+
+
+class _StraightThrough(nn.Module):
+    """A weight seen as its GGUF rounding, trained straight through. ``transposed``: GPT-2's
+    Conv1D stores (in, out); GGUF blocks run along the input, so it is rounded as (out, in)."""
+
+    def __init__(self, grid: str, transposed: bool) -> None:
+        super().__init__()
+        self.grid, self.transposed = grid, transposed
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.transposed:
+            return _RoundThrough.apply(weight.t(), self.grid).t()
+        return _RoundThrough.apply(weight, self.grid)
+
+
+# --quant-aware: the type of the token embeddings and the head, as `optlab export` writes them.
+EMBED_GRID = "q8_0"
+
+
+def grid_weights(model: nn.Module, grid: str, trained: set[str]) -> list[_Gridded]:
+    """``quant_aware``: the weights a GGUF file quantizes rounded in place to the type that
+    file gives them (block linears ``grid``, embeddings and head Q8_0, as ``optlab export
+    --type grid`` writes them), and the trained ones seen through that rounding
+    (straight-through) until :func:`bake_grid`."""
+    found = {name.rpartition(".")[0]: grid for name in block_linear_weights(model)}
+    for table in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if table is not None:
+            found.setdefault(next(n for n, m in model.named_modules() if m is table), EMBED_GRID)
+    trained_ids = {id(p) for name, p in model.named_parameters() if name in trained}
+    gridded = []
+    for name, kind in found.items():
+        module = model.get_submodule(name)
+        item = _Gridded(module, kind, transposed=isinstance(module, Conv1D))
+        if item.matrix().shape[-1] % 32:
+            raise OptlabError(f"--quant-aware {grid}: {name} has rows of "
+                              f"{item.matrix().shape[-1]}, not a multiple of 32 (GGUF "
+                              "blocks)")  # fmt: skip
+        gridded.append(item)
+    with torch.no_grad():
+        for item in gridded:
+            item.matrix().copy_(round_like(item.matrix(), item.grid))
+    for item in gridded:  # tied embeddings and head: both see the same rounded table
+        if id(item.module.weight) in trained_ids and item.module.weight.requires_grad:
+            through = _StraightThrough(item.grid, item.transposed)
+            parametrize.register_parametrization(item.module, "weight", through)
+            item.carried = True
+    return gridded
+
+
+def bake_grid(gridded: list[_Gridded]) -> None:
+    """The trained weights left on their grid (the float weights rounded once more: exactly
+    what the loss saw), the parametrizations removed and tied tables still tied."""
+    for item in gridded:
+        if item.carried:
+            parametrize.remove_parametrizations(item.module, "weight", leave_parametrized=False)
+    with torch.no_grad():
+        for item in gridded:
+            item.matrix().copy_(round_like(item.matrix(), item.grid))
 
 
 def salient_weights(
@@ -292,6 +401,8 @@ def unlearn(
             param.requires_grad_(name in trained)
     if config.lora:
         add_qv_adapters(model, config.rank, config.alpha)
+    on_grid = grid_weights(model, config.quant_aware, set(trained)) if config.quant_aware else []
+    carried = any(item.carried for item in on_grid)
     if reference is not None:  # accelerate may move the trained model to its own device
         reference.to(accelerator.device)
     # Every process draws the same global batch from the same streams and trains on its
@@ -336,8 +447,10 @@ def unlearn(
             values.append(part)
             return value
 
-        loss = shard_loss(rows, loss_of, rowwise=rowwise, key=(config.seed, step, micro),
-                          device=device)  # fmt: skip
+        # --quant-aware: each weight rounded once a micro-batch, not once a forward pass.
+        with parametrize.cached() if carried else contextlib.nullcontext():
+            loss = shard_loss(rows, loss_of, rowwise=rowwise, key=(config.seed, step, micro),
+                              device=device)  # fmt: skip
         parts.append({k: sum(v[k] for v in values) / len(values) for k in values[0]})
         return loss
 
@@ -357,6 +470,7 @@ def unlearn(
                             progress=progress)  # fmt: skip
     finally:
         merge_adapters(model)
+        bake_grid(on_grid)  # the rounded weights the loss saw become the weights
         for param in model.parameters():
             param.requires_grad_(requires_grad.get(id(param), True))
         model.eval()
