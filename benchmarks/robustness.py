@@ -70,12 +70,14 @@ def unlearn_flags(args: argparse.Namespace, scenario: str, method: str, seed: in
 
 
 def audit(args: argparse.Namespace, run: Path, out: Path) -> dict:
+    if (out / "metrics.json").is_file():  # --keep: a finished audit is read, not redone
+        return json.loads((out / "metrics.json").read_text())
+    skeb = ["--skeb-limit", str(args.skeb_limit)] if args.skeb_limit else ["--no-skeb"]
     optlab("audit", "robustness", str(run), "--attacks", args.attacks, "--samples",
            str(args.samples), "--max-new-tokens", str(args.max_new_tokens), "--eval-limit",
            str(args.eval_limit), "--eval-seq-len", str(args.eval_seq_len), "--n-calib",
-           str(args.n_calib), "--skeb-limit", str(args.skeb_limit), "--relearn-steps",
-           str(args.relearn_steps), "--device", args.device, "--out", str(out),
-           *(["--no-skeb"] if args.skeb_limit == 0 else []))  # fmt: skip
+           str(args.n_calib), *skeb, "--relearn-steps",
+           str(args.relearn_steps), "--device", args.device, "--out", str(out))  # fmt: skip
     return json.loads((out / "metrics.json").read_text())
 
 
@@ -132,7 +134,8 @@ def main() -> None:
     parser.add_argument("--skeb-limit", type=int, default=20, help="0: no SKeB probes")
     parser.add_argument("--relearn-steps", type=int, default=20)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--keep", help="keep the runs in this folder (default: a temporary one)")
+    parser.add_argument("--keep", help="keep the runs in this folder (default: a temporary one); "
+                        "a rerun with the same folder reuses the finished runs")  # fmt: skip
     args = parser.parse_args()
     print(
         f"model {args.model} on {args.device}; {args.steps} steps at lr {args.lr} (SURE: "
@@ -165,7 +168,9 @@ def main() -> None:
                     start = time.perf_counter()
                     run = work / f"{scenario}-{method}-s{seed}"
                     flags = unlearn_flags(args, scenario, method, seed)
-                    optlab("unlearn", args.model, "--scenario", scenario, *flags, "--out", str(run))
+                    if not (run / "metrics.json").is_file():  # --keep: resume where it stopped
+                        optlab("unlearn", args.model, "--scenario", scenario, *flags, "--out",
+                               str(run))  # fmt: skip
                     found = audit(args, run, work / f"{run.name}-audit")
                     table(scenario, method, seed, found, time.perf_counter() - start)
 
