@@ -110,9 +110,8 @@ def audit_robustness(
     Apply each attack of ``config`` (``quant:rtn4``, ``quant:gptq4``, ``gguf:q4_1``,
     ``prune:wanda50``, ``relearn:N``, ...) to the unlearned model of ``run`` and to the model
     before unlearning (the run's base model, taught again when the scenario taught it),
-    measure every one
-    (``evaluation``: FA / verbatim memorisation, RA, perplexity, LOSS / Min-K% AUCs; SKeB
-    recall per framing for question forget sets) and report the recovery ratio
+    measure every one (``evaluation``: FA / verbatim memorisation, RA, perplexity, LOSS /
+    Min-K% AUCs; SKeB recall per framing for question forget sets) and report the recovery ratio
     (attacked - unlearned) / (before - unlearned) per attack with paired bootstrap 95%
     intervals. ``calib`` feeds GPTQ, Wanda and SparseGPT. The run is only read.
 
