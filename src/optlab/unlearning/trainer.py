@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from transformers.pytorch_utils import Conv1D
 
-from optlab.core.anatomy import Anatomy
+from optlab.core.anatomy import Anatomy, weight_matrix
 from optlab.core.config import configurable, option, require, require_finite, require_positive
 from optlab.core.grids import GRIDS, round_like
 from optlab.core.lora import LoraLinear, adapters_of, merge_adapters
@@ -235,17 +235,22 @@ class _RoundThrough(torch.autograd.Function):
 
 @dataclass
 class _Gridded:
-    """A weight on a GGUF grid under --quant-aware: its module, type and layout."""
+    """A weight on a GGUF grid under --quant-aware: its module and type."""
 
     module: nn.Module
     grid: str
-    transposed: bool  # GPT-2 Conv1D (in, out): rounded as (out, in), GGUF's layout
     carried: bool = False  # trained through the rounding (a parametrization until baked)
+
+    @property
+    def transposed(self) -> bool:
+        """GPT-2's Conv1D stores (in, out): rounded as (out, in), GGUF's layout."""
+        return isinstance(self.module, Conv1D)
 
     def matrix(self) -> torch.Tensor:
         """The (rows, columns) view GGUF blocks run along, sharing the weight's storage."""
-        weight = self.module.weight.data
-        return weight.t() if self.transposed else weight
+        if isinstance(self.module, nn.Embedding):
+            return self.module.weight.data
+        return weight_matrix(self.module)
 
 
 class _StraightThrough(nn.Module):
@@ -272,14 +277,14 @@ def grid_weights(model: nn.Module, grid: str, trained: set[str]) -> list[_Gridde
     --type grid`` writes them), and the trained ones seen through that rounding
     (straight-through) until :func:`bake_grid`."""
     found = {name.rpartition(".")[0]: grid for name in block_linear_weights(model)}
-    for table in (model.get_input_embeddings(), model.get_output_embeddings()):
-        if table is not None:
-            found.setdefault(next(n for n, m in model.named_modules() if m is table), EMBED_GRID)
+    tables = (model.get_input_embeddings(), model.get_output_embeddings())
+    for name, module in model.named_modules():  # tables already among the linears keep grid
+        if any(module is table for table in tables):
+            found.setdefault(name, EMBED_GRID)
     trained_ids = {id(p) for name, p in model.named_parameters() if name in trained}
     gridded = []
     for name, kind in found.items():
-        module = model.get_submodule(name)
-        item = _Gridded(module, kind, transposed=isinstance(module, Conv1D))
+        item = _Gridded(model.get_submodule(name), kind)
         if item.matrix().shape[-1] % 32:
             raise OptlabError(f"--quant-aware {grid}: {name} has rows of "
                               f"{item.matrix().shape[-1]}, not a multiple of 32 (GGUF "
