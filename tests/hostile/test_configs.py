@@ -64,6 +64,7 @@ SWEEP = ["unlearn", "sweep", "tiny:opt", "--scenario", "facts", "--methods", "ga
         ("--teach-lr", "nan", ["lr", "nan", "--teach-lr"]),  # not to be mistaken for --lr
         ("--mink-ratio", "nan", ["mink_ratio", "nan"]),
         ("--eval-seq-len", "0", ["ppl_seq_len", "--eval-seq-len"]),
+        ("--quant-aware", "q4_k", ["--quant-aware", "q4_k", "q4_1"]),
     ],
 )  # fmt: skip
 def test_unlearning_values_are_refused_at_once(
