@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+from dataclasses import replace
+
 import pytest
+
+from optlab.core.models import load_model, save_model
 
 from .conftest import error_line, run_cli, snapshot
 
@@ -81,6 +86,26 @@ def test_unlearning_values_are_refused_at_once(
 
 def _never_called(*args: object, **kwargs: object) -> None:
     raise AssertionError("training started before the bad value was refused")
+
+
+@pytest.mark.parametrize("command", ["unlearn", "sweep"])
+def test_quant_aware_on_rows_of_partial_blocks_is_refused_before_any_work(
+    capsys, tmp_path, monkeypatch, command
+) -> None:
+    # A model whose MLP width (80) is not whole GGUF blocks of 32: refused before teaching and
+    # the oracle (hours on a real model), not when the quant-aware training starts.
+    lm = load_model("tiny:llama")
+    config = copy.deepcopy(lm.model.config)
+    config.intermediate_size = 80
+    odd = save_model(replace(lm, model=type(lm.model)(config)), tmp_path / "odd")
+    monkeypatch.setattr("optlab.unlearning.job.prepare", _never_called)
+    args = [*UNLEARN, "--quant-aware", "q4_1"] if command == "unlearn" else \
+        [*SWEEP, "--quant-aware", "q4_1"]  # fmt: skip
+    args[args.index("tiny:opt")] = str(odd)
+    before = snapshot(tmp_path)
+    code, _, err = run_cli(capsys, *args, "--out", tmp_path / "u")
+    error_line(code, err, "--quant-aware q4_1", "down_proj", "rows of 80", "multiple of 32")
+    assert snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,13 @@ from optlab.unlearning.harm import HarmClassifier
 from optlab.unlearning.losses import LOSSES
 from optlab.unlearning.metrics import EvalConfig, evaluate_model, memorisation
 from optlab.unlearning.scenarios import Scenario
-from optlab.unlearning.trainer import TeachConfig, UnlearnConfig, trained_names, unlearn
+from optlab.unlearning.trainer import (
+    TeachConfig,
+    UnlearnConfig,
+    grid_modules,
+    trained_names,
+    unlearn,
+)
 
 log = logging.getLogger("optlab")
 
@@ -64,6 +70,14 @@ class SweepConfig:
 def with_model(lm: LoadedModel, model: Any) -> LoadedModel:
     """``lm`` with other weights (a copy, the oracle): same tokenizer, spec and seed."""
     return replace(lm, model=model)
+
+
+def preflight(lm: LoadedModel, config: UnlearnConfig, evaluation: EvalConfig) -> None:
+    """What can fail before any work, checked before any: an evaluation window beyond the
+    model's context, and ``quant_aware`` on rows that are not whole GGUF blocks."""
+    evaluation.window(lm)
+    if config.quant_aware is not None:
+        grid_modules(lm.model, config.quant_aware)
 
 
 def prepare(

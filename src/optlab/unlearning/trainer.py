@@ -271,17 +271,15 @@ class _StraightThrough(nn.Module):
 EMBED_GRID = "q8_0"
 
 
-def grid_weights(model: nn.Module, grid: str, trained: set[str]) -> list[_Gridded]:
-    """``quant_aware``: the weights a GGUF file quantizes rounded in place to the type that
-    file gives them (block linears ``grid``, embeddings and head Q8_0, as ``optlab export
-    --type grid`` writes them), and the trained ones seen through that rounding
-    (straight-through) until :func:`bake_grid`."""
+def grid_modules(model: nn.Module, grid: str) -> list[_Gridded]:
+    """The modules a GGUF file of type ``grid`` quantizes, each with its type (block linears
+    ``grid``, embeddings and head Q8_0, as ``optlab export --type grid`` writes them).
+    Raises OptlabError if a row is not whole GGUF blocks; cheap, so a run checks it first."""
     found = {name.rpartition(".")[0]: grid for name in block_linear_weights(model)}
     tables = (model.get_input_embeddings(), model.get_output_embeddings())
     for name, module in model.named_modules():  # tables already among the linears keep grid
         if any(module is table for table in tables):
             found.setdefault(name, EMBED_GRID)
-    trained_ids = {id(p) for name, p in model.named_parameters() if name in trained}
     gridded = []
     for name, kind in found.items():
         item = _Gridded(model.get_submodule(name), kind)
@@ -290,6 +288,15 @@ def grid_weights(model: nn.Module, grid: str, trained: set[str]) -> list[_Gridde
                               f"{item.matrix().shape[-1]}, not a multiple of 32 (GGUF "
                               "blocks)")  # fmt: skip
         gridded.append(item)
+    return gridded
+
+
+def grid_weights(model: nn.Module, grid: str, trained: set[str]) -> list[_Gridded]:
+    """``quant_aware``: the weights of :func:`grid_modules` rounded in place to their types,
+    and the trained ones seen through that rounding (straight-through) until
+    :func:`bake_grid`."""
+    gridded = grid_modules(model, grid)
+    trained_ids = {id(p) for name, p in model.named_parameters() if name in trained}
     with torch.no_grad():
         for item in gridded:
             item.matrix().copy_(round_like(item.matrix(), item.grid))
