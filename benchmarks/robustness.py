@@ -139,8 +139,10 @@ def main() -> None:
     args = parser.parse_args()
     print(
         f"model {args.model} on {args.device}; {args.steps} steps at lr {args.lr} (SURE: "
-        f"lr {args.sure_lr}, saliency {args.saliency}); seeds {args.seeds}; attacks "
-        f"{args.attacks}; perplexity on {args.eval_limit} x {args.eval_seq_len} tokens\n"
+        f"lr {args.sure_lr}, saliency {args.saliency}; quant-aware: lr {args.qa_lr}, "
+        f"{args.quant_aware}); retain weight {args.retain_weight}, {args.batch_size} "
+        f"examples a step; seeds {args.seeds}; attacks {args.attacks}; perplexity on "
+        f"{args.eval_limit} x {args.eval_seq_len} tokens\n"
     )
     row(
         "scenario",
