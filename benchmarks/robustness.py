@@ -66,6 +66,8 @@ def unlearn_flags(args: argparse.Namespace, scenario: str, method: str, seed: in
         teach_lr = args.teach_lr or (1e-3 if args.teach_lora else 1e-4)
         flags += ["--teach-steps", str(args.teach_steps), "--teach-lr", str(teach_lr)]
         flags += [] if args.teach_lora else ["--teach-full"]
+        if args.teach_quant_aware:
+            flags += ["--teach-quant-aware", args.teach_quant_aware]
     return flags
 
 
@@ -126,6 +128,12 @@ def main() -> None:
     # untaught); the scenario's default LoRA teaching (lr 1e-3) reaches only 0.09.
     parser.add_argument("--teach-lr", type=float, help="default 1e-4 (full), 1e-3 (LoRA)")
     parser.add_argument("--teach-lora", action="store_true", help="teach by LoRA on q/v")
+    parser.add_argument(
+        "--teach-quant-aware",
+        metavar="T",
+        help="book: teach through GGUF type T, so that T's file keeps the "
+        "passages (the default model's Q4_1 file rounds float teaching away)",
+    )
     parser.add_argument("--samples", type=int, default=60)
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--eval-limit", type=int, default=10)

@@ -70,6 +70,8 @@ SWEEP = ["unlearn", "sweep", "tiny:opt", "--scenario", "facts", "--methods", "ga
         ("--mink-ratio", "nan", ["mink_ratio", "nan"]),
         ("--eval-seq-len", "0", ["ppl_seq_len", "--eval-seq-len"]),
         ("--quant-aware", "q4_k", ["--quant-aware", "q4_k", "q4_1"]),
+        ("--teach-quant-aware", "q4_k", ["--teach-quant-aware", "q4_k", "q4_1"]),
+        ("--teach-quant-aware", "q4_1", ["--teach-quant-aware", "--teach-full"]),  # LoRA
     ],
 )  # fmt: skip
 def test_unlearning_values_are_refused_at_once(
@@ -89,8 +91,13 @@ def _never_called(*args: object, **kwargs: object) -> None:
 
 
 @pytest.mark.parametrize("command", ["unlearn", "sweep"])
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [(["--quant-aware", "q4_1"], "--quant-aware q4_1"),
+     (["--teach-full", "--teach-quant-aware", "q4_1"], "--teach-quant-aware q4_1")],
+)  # fmt: skip
 def test_quant_aware_on_rows_of_partial_blocks_is_refused_before_any_work(
-    capsys, tmp_path, monkeypatch, command
+    capsys, tmp_path, monkeypatch, command, flags, named
 ) -> None:
     # A model whose MLP width (80) is not whole GGUF blocks of 32: refused before teaching and
     # the oracle (hours on a real model), not when the quant-aware training starts.
@@ -99,12 +106,11 @@ def test_quant_aware_on_rows_of_partial_blocks_is_refused_before_any_work(
     config.intermediate_size = 80
     odd = save_model(replace(lm, model=type(lm.model)(config)), tmp_path / "odd")
     monkeypatch.setattr("optlab.unlearning.job.prepare", _never_called)
-    args = [*UNLEARN, "--quant-aware", "q4_1"] if command == "unlearn" else \
-        [*SWEEP, "--quant-aware", "q4_1"]  # fmt: skip
+    args = [*(UNLEARN if command == "unlearn" else SWEEP), *flags]
     args[args.index("tiny:opt")] = str(odd)
     before = snapshot(tmp_path)
     code, _, err = run_cli(capsys, *args, "--out", tmp_path / "u")
-    error_line(code, err, "--quant-aware q4_1", "down_proj", "rows of 80", "multiple of 32")
+    error_line(code, err, named, "down_proj", "rows of 80", "multiple of 32")
     assert snapshot(tmp_path) == before
 
 

@@ -195,3 +195,30 @@ def test_quant_aware_unlearning_computes_its_loss_on_the_rounded_weights(family)
         UnlearnConfig(quant_aware="q4_1", lora=True)
     with pytest.raises(OptlabError, match="q4_1"):
         UnlearnConfig(quant_aware="q4_k")
+
+
+def test_teaching_through_a_grid_leaves_the_taught_model_on_it() -> None:
+    """--teach-quant-aware q4_1 (book): the taught model's block linears lie on the Q4_1 grid
+    (its Q4_1 file holds what was taught) and moved across it; the oracle, copied from the
+    model before teaching, is left as it was; the flag needs full fine-tuning."""
+    from optlab.core.grids import round_like
+    from optlab.unlearning.job import prepare
+    from optlab.unlearning.scenarios import Scenario
+    from optlab.unlearning.trainer import TeachConfig, block_linear_weights
+
+    lm = load_model("tiny:llama", seed=0)
+    start = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    book = [Example("", "the quick brown fox jumps over the lazy dog " * 3)] * 2
+    teach = TeachConfig(steps=4, lr=1e-2, full=True, quant_aware="q4_1")
+    oracle, info = prepare(lm, Scenario("book", book, [], book[:1], teach=True),
+                           UnlearnConfig(method="ga"), teach, progress=False)  # fmt: skip
+    taught = dict(lm.model.named_parameters())
+    names = block_linear_weights(lm.model)
+    assert all(torch.equal(round_like(taught[n], "q4_1"), taught[n]) for n in names)
+    assert any(not torch.equal(round_like(start[n], "q4_1"), taught[n]) for n in names)
+    assert all(torch.equal(p, start[n]) for n, p in oracle.model.named_parameters())
+    assert info["teaching"]["optimizer_steps"] == 4
+    with pytest.raises(OptlabError, match="--teach-full"):
+        TeachConfig(quant_aware="q4_1")
+    with pytest.raises(OptlabError, match="q4_1"):
+        TeachConfig(full=True, quant_aware="q4_k")

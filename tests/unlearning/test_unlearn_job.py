@@ -182,6 +182,7 @@ def test_a_run_on_examples_given_in_python_is_recorded_but_not_replayed(tmp_path
     "config",
     [UnlearnConfig(method="npo", lora=True, stop_forget_ce=3.0, seed=4),
      EvalConfig(js_mode="sorted", ppl_limit=None), TeachConfig(steps=5, lr=1e-4),
+     TeachConfig(full=True, quant_aware="q4_1"),
      UnlearnData(scenario="book"), SweepConfig(("ga", "npo"), (1, 2))],
 )  # fmt: skip
 def test_unlearn_configs_round_trip_through_yaml(config) -> None:

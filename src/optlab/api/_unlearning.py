@@ -57,7 +57,7 @@ def unlearn(
     evaluation = evaluation or EvalConfig()
     teach = teach or TeachConfig()
     lm = resolve_model(model)
-    unlearn_job.preflight(lm, config, evaluation)
+    unlearn_job.preflight(lm, config, evaluation, teach)
     job = job_of("unlearn", lm, seed, method=config, data=data_record(data), teach=teach,
                eval=evaluation, output=unlearn_job.UnlearnOutput(save))  # fmt: skip
 
@@ -120,7 +120,7 @@ def unlearn_sweep(
     if not grid.methods or not grid.seeds:
         raise OptlabError("the sweep needs at least one method and one seed")
     base_lm = resolve_model(model)
-    unlearn_job.preflight(base_lm, config, evaluation)
+    unlearn_job.preflight(base_lm, config, evaluation, teach)
     recorded = data_record(data)
     job = job_of("unlearn sweep", base_lm, grid.seeds[0], method=config, sweep=grid,
                data=recorded, teach=teach, eval=evaluation)  # fmt: skip

@@ -72,12 +72,17 @@ def with_model(lm: LoadedModel, model: Any) -> LoadedModel:
     return replace(lm, model=model)
 
 
-def preflight(lm: LoadedModel, config: UnlearnConfig, evaluation: EvalConfig) -> None:
+def preflight(
+    lm: LoadedModel, config: UnlearnConfig, evaluation: EvalConfig, teach: TeachConfig
+) -> None:
     """What can fail before any work, checked before any: an evaluation window beyond the
-    model's context, and ``quant_aware`` on rows that are not whole GGUF blocks."""
+    model's context, and a ``quant_aware`` grid (of the unlearning or of the teaching) on
+    rows that are not whole GGUF blocks."""
     evaluation.window(lm)
-    if config.quant_aware is not None:
-        grid_modules(lm.model, config.quant_aware)
+    for flag, grid in (("--teach-quant-aware", teach.quant_aware),
+                       ("--quant-aware", config.quant_aware)):  # fmt: skip
+        if grid is not None:
+            grid_modules(lm.model, grid, flag)
 
 
 def prepare(

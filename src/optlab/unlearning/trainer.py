@@ -155,24 +155,40 @@ class TeachConfig:
     LoRA default leaves memorisation near the untaught level (ROUGE-L of the greedy
     continuation 0.07 untaught, about 0.09 taught); ``full`` at lr 1e-4 for the 100 steps
     reaches ROUGE-L 0.92 (exact match 0.92) on the taught passages and 0.10 on the held-out
-    ones. The defaults stay LoRA, so runs made before replay unchanged."""
+    ones. The defaults stay LoRA, so runs made before replay unchanged.
+
+    ``quant_aware`` matters to a quantization audit of such a model: the default model's
+    weights lie on the Q4_1 grid, and teaching steps smaller than half a grid step round back,
+    so the taught model's own Q4_1 file has forgotten the passages before any unlearning
+    (measured: ROUGE-L 0.92 -> 0.06). Taught through Q4_1 (``quant_aware="q4_1"``), the
+    passages live in what that file keeps."""
 
     steps: int = option(100, "book: LoRA steps that teach the passages first",
                         flag="--teach-steps")  # fmt: skip
     lr: float = option(1e-3, "book: teaching lr", flag="--teach-lr")
     full: bool = option(False, "book: teach by full fine-tuning, not LoRA on q/v (with "
                         "--teach-lr 1e-4 it memorises)", flag="--teach-full")  # fmt: skip
+    quant_aware: str | None = option(None, "book: teach on the weights as GGUF type T stores "
+                                     "them (with --teach-full), so that T's file of the "
+                                     "taught model keeps the passages",
+                                     flag="--teach-quant-aware", metavar="T",
+                                     choices=GRIDS)  # fmt: skip
 
     def __post_init__(self) -> None:
         require_positive(self, "steps")
         require_finite(self, "lr")
         require(self.lr > 0, f"the teaching lr must be positive, got {self.lr}")
+        if self.quant_aware is not None:
+            require(self.quant_aware in GRIDS, f"--teach-quant-aware is a GGUF type of "
+                    f"{', '.join(GRIDS)}, got {self.quant_aware!r}")  # fmt: skip
+            require(self.full, "--teach-quant-aware rounds the weights themselves: give "
+                    "--teach-full too (LoRA adapters are not on a grid)")  # fmt: skip
 
     def training(self) -> UnlearnConfig:
         # Seed 0 whatever the run's seed: the teaching stage is the same for every run of a
         # scenario split, as it always was (a sweep's seeds vary the split and the unlearning).
         return UnlearnConfig(method="finetune", lora=not self.full, lr=self.lr,
-                             steps=self.steps, seed=0)  # fmt: skip
+                             steps=self.steps, seed=0, quant_aware=self.quant_aware)  # fmt: skip
 
 
 @dataclass
@@ -271,7 +287,7 @@ class _StraightThrough(nn.Module):
 EMBED_GRID = "q8_0"
 
 
-def grid_modules(model: nn.Module, grid: str) -> list[_Gridded]:
+def grid_modules(model: nn.Module, grid: str, flag: str = "--quant-aware") -> list[_Gridded]:
     """The modules a GGUF file of type ``grid`` quantizes, each with its type (block linears
     ``grid``, embeddings and head Q8_0, as ``optlab export --type grid`` writes them).
     Raises OptlabError if a row is not whole GGUF blocks; cheap, so a run checks it first."""
@@ -284,7 +300,7 @@ def grid_modules(model: nn.Module, grid: str) -> list[_Gridded]:
     for name, kind in found.items():
         item = _Gridded(model.get_submodule(name), kind)
         if item.matrix().shape[-1] % 32:
-            raise OptlabError(f"--quant-aware {grid}: {name} has rows of "
+            raise OptlabError(f"{flag} {grid}: {name} has rows of "
                               f"{item.matrix().shape[-1]}, not a multiple of 32 (GGUF "
                               "blocks)")  # fmt: skip
         gridded.append(item)
