@@ -161,7 +161,9 @@ class TeachConfig:
     weights lie on the Q4_1 grid, and teaching steps smaller than half a grid step round back,
     so the taught model's own Q4_1 file has forgotten the passages before any unlearning
     (measured: ROUGE-L 0.92 -> 0.06). Taught through Q4_1 (``quant_aware="q4_1"``), the
-    passages live in what that file keeps."""
+    passages live in what that file keeps, but the straight-through steps must cross grid
+    points: ``full`` for 100 steps reached ROUGE-L 0.06 at lr 1e-4, 0.25 at 3e-4 and 0.79 at
+    1e-3 (wiki:eval perplexity 22.7 -> 43.8 at 1e-3)."""
 
     steps: int = option(100, "book: LoRA steps that teach the passages first",
                         flag="--teach-steps")  # fmt: skip
