@@ -12,9 +12,10 @@ runs in that environment's Python, so neither package's dependencies touch the o
 
 Perplexity: exp of the mean NLL of every token after the first of each window, the windows
 being optlab's ``wiki:eval`` windows (``token_windows``) passed as ids, so both tools score
-the same tokens; each window is a fresh context. Speed: a prefill of ``--prompt`` tokens, then
-``--new-tokens`` greedy tokens one at a time (decode tok/s), ``--threads`` threads, best of
-``--rounds``.
+the same tokens; each window is a fresh context. Speed, in a second context that keeps the
+logits of the last position only (as a deployment does; perplexity needs them all): a prefill
+of ``--prompt`` tokens, then ``--new-tokens`` greedy tokens one at a time (decode tok/s),
+``--threads`` threads, best of ``--rounds``.
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ for window in windows:
     logz = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
     nll += float((logz - logits[np.arange(len(window) - 1), window[1:]]).sum())
     count += len(window) - 1
+# Speed without logits_all: a deployment computes the logits of the last position only.
+del llm
+llm = Llama(model_path=sys.argv[1], n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+            n_threads=threads, n_threads_batch=threads, verbose=False)
 prompt = windows[0][: job["prompt"]]
 prefill, decode = [], []
 for _ in range(job["rounds"]):
