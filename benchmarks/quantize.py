@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from decode import load_average  # benchmarks/decode.py, beside this script
 
 OPTLAB = [sys.executable, "-m", "optlab.cli"]
 UNIFORM = ["rtn8", "rtn4", "rtn3", "gptq4", "gptq3"]
@@ -104,7 +104,7 @@ def flags(config: str, args: argparse.Namespace, scored: dict[str, str]) -> list
     return ["--uniform", bits, *(["--gptq"] if method == "gptq" else [])]
 
 
-def beside_llamacpp(args: argparse.Namespace, runs: dict[str, dict], fp16_mb: float | None,
+def beside_llamacpp(args: argparse.Namespace, runs: dict[str, dict], fp16_mb: float,
                     work: Path) -> None:  # fmt: skip
     """The second table: every GGUF file of the same weights in llama.cpp and read back by
     optlab. ``runs``: the optlab runs of the first table (name -> its row's figures)."""
@@ -126,8 +126,9 @@ def beside_llamacpp(args: argparse.Namespace, runs: dict[str, dict], fp16_mb: fl
     for mix in mixes:
         path = llamacpp.quantize(f16, mix, work / f"llama-{mix}.gguf", threads=args.threads)
         files.append((mix.upper(), "llama-quantize of optlab's F16 export", path, None))
-    budget = (work / f"llama-{mixes[0]}.gguf").stat().st_size / 1e6 if mixes else None
-    for method in filter(None, args.gguf_sensitivities.split(",")) if budget else ():
+    sensitivities = [m.strip() for m in args.gguf_sensitivities.split(",") if m.strip()]
+    budget = (work / f"llama-{mixes[0]}.gguf").stat().st_size / 1e6 if mixes else 0.0
+    for method in sensitivities if budget else ():  # allocated at the first mix's bytes
         out = work / f"gguf-{method}"
         optlab("quantize", args.model, "--format", "gguf", "--sensitivity", method, "--max-size",
                f"{budget:.6f}", "--n-calib", str(args.n_calib), "--seq-len", str(args.seq_len),
@@ -145,7 +146,7 @@ def beside_llamacpp(args: argparse.Namespace, runs: dict[str, dict], fp16_mb: fl
                                   threads=args.threads)  # fmt: skip
         ours = measure(path, args, decode="none")["perplexity"]
         mb = theirs["file_bytes"] / 1e6
-        row(name, made_by, f"{mb:.1f}", f"{(fp16_mb or math.nan) / mb:.2f}x",
+        row(name, made_by, f"{mb:.1f}", f"{fp16_mb / mb:.2f}x",
             f"{theirs['perplexity']:.2f}", f"{ours:.2f}", f"{theirs['prefill_tok_s']:.0f}",
             f"{theirs['decode_tok_s']:.1f}",
             f"{run['decode_tok_s']:.1f}" if run else "-")  # fmt: skip
@@ -183,13 +184,13 @@ def main() -> None:
         f"group size {args.group_size}; allocation widths {args.widths}; embeddings "
         f"{args.embed_bits or 16} bits; speed: {args.threads} threads, prefill "
         f"{args.prompt} tokens, greedy decoding ({args.decode}) of {args.new_tokens} tokens, "
-        f"batch 1; load average {'/'.join(f'{x:.1f}' for x in os.getloadavg())}\n"
+        f"batch 1; load average {load_average()}\n"
     )
     row("config", "avg bits", "bits incl. scales", "perplexity", "vs fp32", "file MB",
         "vs FP16", "prefill tok/s", "decode tok/s", "kernels")  # fmt: skip
     row(*["---"] * 10)
     base = measure(args.model, args)
-    fp16_mb = None
+    fp16_mb = 0.0  # set by the first configuration's run
     scored: dict[str, str] = {}
     runs: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="optlab-bench-") as work:
@@ -198,7 +199,7 @@ def main() -> None:
             r = optlab("quantize", args.model, *flags(config, args, scored), *common, "--out", out)
             if "@" in config:
                 scored.setdefault(config.split("@")[0], out)
-            if fp16_mb is None:
+            if not fp16_mb:
                 fp16_mb = r["fp16_bytes"] / 1e6
                 row("fp32", 32, 32, f"{base['perplexity']:.2f}", "1.00x", f"{2 * fp16_mb:.1f}",
                     "0.50x", f"{base['prefill_tok_s']:.0f}", f"{base['decode_tok_s']:.1f}",
