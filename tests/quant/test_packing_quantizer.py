@@ -15,6 +15,8 @@ from optlab.quant.linear import (
     matvec,
     quantized_bytes,
     select_kernel,
+    tinygemm,
+    tinygemm_operand,
     tinygemm_pairs,
     tinygemm_scales,
 )
@@ -126,14 +128,15 @@ def test_gptq_with_an_identity_hessian_is_rtn() -> None:
 
 @pytest.mark.parametrize(
     ("bits", "group", "out", "compiled"),
-    [(8, None, 48, "matvec"), (4, 32, 48, "matvec"), (4, 32, 40, "matvec"),
+    [(8, None, 48, "matvec"), (4, 32, 48, "tinygemm"), (4, 32, 40, "matvec"),
      (4, 48, 48, "matvec"), (3, 32, 48, "matvec"), (2, None, 48, "matvec"),
-     (8, 32, 48, "matvec"), (4, 64, 48, "dequant")],  # 64 does not divide 96: a short group
+     (8, 32, 48, "tinygemm"), (4, 64, 48, "dequant")],  # 64 does not divide 96: a short group
 )  # fmt: skip
 def test_quant_linear_kernels_agree_with_dequantize_then_matmul(bits, group, out, compiled) -> None:
-    """Eager CPU forwards dequantize; the compiled decoding kernel's arithmetic (``matvec``
-    over its transposed layout, run here eagerly: the same torch ops inductor fuses) gives the
-    dequantized product."""
+    """Eager CPU forwards dequantize; the compiled decoding kernels give the dequantized
+    product: ``matvec`` over its transposed layout (run here eagerly: the same torch ops
+    inductor fuses) in fp32, torch's CPU int4 GEMM to bf16 rounding (8 bits: two nibble
+    halves)."""
     g = torch.Generator().manual_seed(bits)
     weight, bias = torch.randn(out, 96, generator=g), torch.randn(out, generator=g)
     qw = quantize_rtn(weight, bits, group)
@@ -145,11 +148,19 @@ def test_quant_linear_kernels_agree_with_dequantize_then_matmul(bits, group, out
     reference = x @ qw.dequantize().T + bias
     assert torch.allclose(layer(x), reference, atol=1e-5)
     layer.prepare_decode()
+    flat = x.reshape(-1, 96)
     if compiled == "matvec":
-        fast = matvec(x.reshape(-1, 96), *layer._cache["matvec"], bits).reshape(*x.shape[:-1], out)
+        fast = matvec(flat, *layer._cache["matvec"], bits).reshape(*x.shape[:-1], out)
         assert torch.allclose(fast + bias, reference, atol=1e-4, rtol=1e-4)
-    else:
+    elif compiled == "tinygemm":
         assert "matvec" not in layer._cache
+        fast = tinygemm(flat, *layer._cache["tinygemm"], group).float().reshape(*x.shape[:-1], out)
+        error = (fast + bias - reference).abs().max() / reference.abs().max()
+        assert 0 < error < 8e-3  # bf16 in and out, not exact
+        layer.kernel = "fp32"  # the LM head's setting: never the bf16 kernel
+        assert layer.kernel_name(compiled=True) == "matvec" and layer.kernel_name() == "dequant"
+    else:
+        assert not layer._cache
     layer.kernel = "dequant"
     assert layer.kernel_name(compiled=True) == "dequant"
     assert layer.storage_bytes() == quantized_bytes(out, 96, bits, qw.group_size)
@@ -158,10 +169,14 @@ def test_quant_linear_kernels_agree_with_dequantize_then_matmul(bits, group, out
 
 @pytest.mark.parametrize(
     ("bits", "group", "in_features", "out", "rows", "device", "compiled", "kernel"),
-    [(4, 64, 576, 1536, 1, "cpu", False, "dequant"),  # eager CPU: torch's int kernels lose
-     (4, 64, 576, 1536, 1, "cpu", True, "matvec"),
-     (4, 64, 576, 1536, KERNEL_MAX_ROWS, "cpu", True, "matvec"),
+    [(4, 64, 576, 1536, 1, "cpu", False, "dequant"),  # eager CPU: exact fp32
+     (4, 64, 576, 1536, 1, "cpu", True, "tinygemm"),  # the compiled decoder: int4 GEMM, bf16
+     (4, 64, 576, 1536, KERNEL_MAX_ROWS, "cpu", True, "tinygemm"),
      (4, 64, 576, 1536, KERNEL_MAX_ROWS + 1, "cpu", True, "dequant"),  # prefill
+     (8, 32, 576, 49152, 1, "cpu", True, "tinygemm"),  # two nibble halves
+     (8, 576, 576, 1536, 1, "cpu", True, "matvec"),  # per channel: not a tinygemm group
+     (4, 64, 576, 1540, 1, "cpu", True, "matvec"),  # out not a multiple of 16
+     (3, 64, 576, 1536, 1, "cpu", True, "matvec"),
      (4, 64, 576, 1536, 1, "cuda", False, "tinygemm"),  # int4 GEMM, eager or compiled
      (4, 64, 576, 1536, 1, "cuda", True, "tinygemm"),
      (4, 64, 576, 1536, KERNEL_MAX_ROWS + 1, "cuda", False, "dequant"),
@@ -181,19 +196,26 @@ def test_kernel_selection_per_shape_and_device(
                          compiled=compiled) == kernel  # fmt: skip
 
 
-def test_tinygemm_offsets_reproduce_the_asymmetric_grid() -> None:
-    """tinygemm dequantizes (q - 8) * s + m; with m = (8 - z) * s that is (q - z) * s. Its
-    weight is two codes a byte, the even column in the high nibble."""
-    g = torch.Generator().manual_seed(0)
-    qw = quantize_rtn(torch.randn(16, 64, generator=g), 4, 32)
-    scale_and_zero = tinygemm_scales(qw.scales.half(), qw.zeros)  # [groups, out, 2]
-    assert scale_and_zero.shape == (2, 16, 2) and scale_and_zero.dtype == torch.bfloat16
-    s, m = (scale_and_zero[..., i].float().T.repeat_interleave(32, 1) for i in (0, 1))
-    expected = qw.dequantize()
-    tolerance = 0.02 * expected.abs().max()  # bf16 scales
-    assert torch.allclose((qw.codes.float() - 8) * s + m, expected, atol=tolerance)
-    pairs = tinygemm_pairs(qw.codes)
-    assert torch.equal(pairs >> 4, qw.codes[:, ::2]) and torch.equal(pairs & 15, qw.codes[:, 1::2])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_tinygemm_operand_reproduces_the_asymmetric_grid(bits) -> None:
+    """tinygemm dequantizes (q - 8) * s' + m' per group. At 4 bits, s' = s and m' = (8 - z) s
+    give (q - z) s; at 8 bits the high nibbles (s' = 16 s, m' = (136 - z) s) then the low ones
+    (s' = s, m' = 0), against the input repeated twice, sum to it. CUDA's weight is two codes
+    a byte, the even column in the high nibble."""
+    g = torch.Generator().manual_seed(bits)
+    qw = quantize_rtn(torch.randn(16, 64, generator=g), bits, 32)
+    codes, scale, offset = tinygemm_operand(qw.codes, qw.scales.half(), qw.zeros, bits)
+    k = bits // 4
+    assert codes.shape == (16, 64 * k) and codes.max() < 16 and scale.shape == (16, 2 * k)
+    scale_and_offset = tinygemm_scales(scale, offset)  # [groups, out, 2]
+    assert scale_and_offset.shape == (2 * k, 16, 2) and scale_and_offset.dtype == torch.bfloat16
+    s, m = (scale.repeat_interleave(32, 1), offset.repeat_interleave(32, 1))
+    wide = (codes.float() - 8) * s + m  # [out, k * in]
+    summed = sum(wide[:, i * 64 : (i + 1) * 64] for i in range(k))
+    assert torch.allclose(summed, qw.dequantize(), atol=1e-5)
+    pairs = tinygemm_pairs(qw.codes[:, :64] & 15)
+    assert torch.equal(pairs >> 4, qw.codes[:, ::2] & 15)
+    assert torch.equal(pairs & 15, qw.codes[:, 1::2] & 15)
 
 
 def _rtn_one_group_at_a_time(weight: torch.Tensor, bits: int, size: int) -> QuantizedWeight:

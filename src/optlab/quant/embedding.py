@@ -65,6 +65,7 @@ def empty_embeddings(model: nn.Module, info: dict[str, Any]) -> None:
     if info["output"] is not None:
         head = model.get_submodule(info["output"])
         layer = QuantLinear(dim, num, info["bits"], info["group_size"], head.bias is not None)
+        layer.kernel = "fp32"  # greedy tokens are the argmax of its output: no bf16 ties
         if info["tied"]:
             for key in ("packed", "scales", "zeros"):
                 setattr(layer, key, getattr(embed, key))

@@ -1,34 +1,39 @@
 """``QuantLinear``: a linear layer that holds its weight packed (codes + fp16 scales + uint8
 zero points) and computes y = x W_hat^T + b.
 
-Which path a forward takes (:func:`select_kernel`). Measured with torch 2.13 on one CPU
-thread of the (heavily shared) development machine, a 1536 x 576 layer, one input row, best
-of 20 (fp32 ``F.linear``: 0.14 ms):
+Which path a forward takes (:func:`select_kernel`). Measured with torch 2.13 on the idle
+2-core development machine (AVX-512), a 1536 x 576 layer, one input row, weights in cache,
+one thread / two threads: fp32 ``F.linear`` 0.20 / 0.07 ms.
 
 * ``dequant`` (everywhere, and always for more than ``KERNEL_MAX_ROWS`` rows): unpack and
   rescale the weight, then ``F.linear``. Prefill and scoring take it (~100x faster than a
-  weight-only kernel at 4096 rows), and so does an eager decoding step on CPU: 1.3-1.5 ms at
-  4 bits, against 1.8-2.2 ms for ``aten._weight_int4pack_mm_for_cpu`` (and 1.2 ms for the
-  8-bit ``_weight_int8pack_mm``, 0.4 ms at 576 x 576 where fp32 takes 0.1 ms): torch's CPU
-  weight-only kernels do not beat dequantizing for one row, so none is used.
-* ``matvec`` (CPU or GPU, inside ``torch.compile``, a few rows, groups dividing the row): the
-  codes are read at their own width and converted inside the compiled graph (what gpt-fast
-  does on GPUs). The layout is the transposed one, [blocks, block / k, out] bytes with k
-  codes a byte (4-bit: two, 2-bit: four; 3 and 8 bits one), so the generated C++ loop
-  vectorises over output channels and reduces over the input without a horizontal sum per
-  group: 0.15 ms for the layer above (0.11 ms at 3 bits), a 49152 x 576 LM head at 8 bits
-  in 8.6 ms against fp32's 13.7 ms. Built by :meth:`QuantLinear.prepare_decode` (the
-  compiled decoder calls it) and held beside ``packed`` (as many bytes again at 4 bits).
-* ``tinygemm`` (CUDA, 4 bits, groups of 32-256 dividing the row, out_features a multiple of
-  8): ``aten._weight_int4pack_mm``, torch's int4 GEMM, in bf16. Its dequantization is
-  (q - 8) * s + m, so m = (8 - z) * s. Not yet run on a GPU: benchmarks/decode_gpu.py checks
-  it there.
+  weight-only kernel at 4096 rows), and so does an eager decoding step on CPU (1.3-1.5 ms),
+  so that eager generation stays exact fp32 arithmetic.
+* ``tinygemm`` (a decoding step of 4- or 8-bit layers, groups of 32-256 dividing the row:
+  on CUDA eager or compiled, 4 bits, out_features a multiple of 8; on CPU in the compiled
+  decoder, out_features a multiple of 16): torch's int4 GEMM, ``aten._weight_int4pack_mm``
+  / ``_weight_int4pack_mm_for_cpu``, in bf16: 0.07 / 0.055 ms at 4 bits, 0.09 ms at 8 bits
+  (two nibble halves, :func:`tinygemm_operand`), a 49152 x 576 LM head at 8 bits 2.1 ms on
+  two threads. Fed fp32 the CPU kernel has no fast path (3.0 ms, and 1.8 ms for the 8-bit
+  ``_weight_int8pack_mm``): the input goes in as bf16, so a step differs from the exact
+  one by bf16 rounding (~4e-3 of the largest output). Layers whose ``kernel`` is ``"fp32"``
+  never take it: the LM head, whose logits rounded to bf16 tie and flip greedy tokens.
+* ``matvec`` (CPU or GPU, inside ``torch.compile``, a few rows, groups dividing the row,
+  where tinygemm does not apply): the codes are read at their own width and converted
+  inside the compiled graph (what gpt-fast does on GPUs), all in fp32. The layout is the
+  transposed one, [blocks, block / k, out] bytes with k codes a byte (4-bit: two, 2-bit:
+  four; 3 and 8 bits one), so the generated C++ loop vectorises over output channels and
+  reduces over the input without a horizontal sum per group: 0.23 / 0.13 ms for the layer
+  above, a 49152 x 576 LM head at 8 bits in 8.6 ms (fp32: 5.3 ms on two threads). Built by
+  :meth:`QuantLinear.prepare_decode` (the compiled decoder calls it) and held beside
+  ``packed``, as is tinygemm's layout.
 
-``kernel = "dequant"`` forces that path.
+Either kernel's layout holds as many bytes again as ``packed`` at 4 bits. ``kernel =
+"dequant"`` forces that path.
 
->>> layer = QuantLinear.from_quantized(quantize_rtn(linear.weight, 4), bias=linear.bias)
+>>> layer = QuantLinear.from_quantized(quantize_rtn(linear.weight, 4, 64), bias=linear.bias)
 >>> layer.kernel_name(), layer.kernel_name(compiled=True)
-('dequant', 'matvec')
+('dequant', 'tinygemm')
 """
 
 from __future__ import annotations
@@ -64,6 +69,8 @@ def select_kernel(
     'tinygemm'.
 
     >>> select_kernel(4, 64, 576, 1536, rows=1, device="cpu", compiled=True)
+    'tinygemm'
+    >>> select_kernel(3, 64, 576, 1536, rows=1, device="cpu", compiled=True)
     'matvec'
     >>> select_kernel(4, 64, 576, 1536, rows=1, device="cuda", compiled=False)
     'tinygemm'
@@ -71,7 +78,10 @@ def select_kernel(
     if rows > KERNEL_MAX_ROWS or in_features % group_size:
         return "dequant"
     # (a group of 32-256 dividing the row also gives tinygemm's K tiling: see inner_k_tiles)
-    if device == "cuda" and bits == 4 and group_size in INT4_GROUPS and out_features % 8 == 0:
+    if bits == 4 and group_size in INT4_GROUPS and device == "cuda" and out_features % 8 == 0:
+        return "tinygemm"
+    if bits in (4, 8) and group_size in INT4_GROUPS and device == "cpu" and compiled \
+            and out_features % 16 == 0:  # fmt: skip
         return "tinygemm"
     if compiled and device in ("cpu", "cuda"):
         return "matvec"
@@ -142,15 +152,44 @@ def matvec(
 
 
 def tinygemm_pairs(codes: torch.Tensor) -> torch.Tensor:
-    """4-bit codes [out, in] as tinygemm takes them: two a byte, the even column high."""
+    """4-bit codes [out, in] as CUDA's tinygemm takes them: two a byte, the even column high."""
     return (codes[:, ::2] << 4 | codes[:, 1::2]).contiguous()
 
 
-def tinygemm_scales(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-    """tinygemm's [groups, out, 2] bf16 (scale, offset): it dequantizes (q - 8) * s + m,
-    which is (q - z) * s for m = (8 - z) * s."""
-    scale, zero = scales.float(), zeros.float()
-    return torch.stack([scale.T, ((8 - zero) * scale).T], dim=-1).to(torch.bfloat16).contiguous()
+def tinygemm_operand(
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """4-bit codes [out, k * in], scale s' and offset m' [out, k * groups] whose tinygemm
+    product with the input repeated k times is x W_hat^T. tinygemm dequantizes
+    (q - 8) s' + m': a 4-bit weight is itself (k = 1) with m' = (8 - z) s; an 8-bit code
+    q = 16 h + l is its high nibbles then its low ones (k = 2), since (q - z) s =
+    (h - 8) 16s + (136 - z) s + (l - 8) s + 0."""
+    s, z = scales.float(), zeros.float()
+    if bits == 4:
+        return codes, s, (8 - z) * s
+    high, low = codes >> 4, codes & 15
+    return torch.cat([high, low], 1), torch.cat([16 * s, s], 1), \
+        torch.cat([(136 - z) * s, torch.zeros_like(s)], 1)  # fmt: skip
+
+
+def tinygemm_scales(scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """tinygemm's [groups, out, 2] bf16 (scale, offset) from [out, groups] ones."""
+    return torch.stack([scale.T, offset.T], dim=-1).to(torch.bfloat16).contiguous()
+
+
+def tinygemm(
+    x: torch.Tensor, weight: torch.Tensor, scale_and_offset: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """x [rows, in] times W_hat^T through torch's int4 GEMM (CPU or CUDA) in bf16, from
+    :func:`tinygemm_operand`'s weight (in the device's tiled layout) and scales: the input
+    is repeated as often as the weight is wider (8-bit weights: twice)."""
+    x = x.to(torch.bfloat16)
+    repeat = scale_and_offset.shape[0] * group_size // x.shape[-1]
+    x = (x.repeat(1, repeat) if repeat > 1 else x).contiguous()
+    if x.device.type == "cpu":
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight, group_size,
+                                                          scale_and_offset)  # fmt: skip
+    return torch.ops.aten._weight_int4pack_mm(x, weight, group_size, scale_and_offset)
 
 
 class QuantLinear(nn.Module):
@@ -180,6 +219,8 @@ class QuantLinear(nn.Module):
         self.bias = (
             nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
         )
+        # "auto": the fastest path; "fp32": never tinygemm's bf16 (the LM head: logits
+        # rounded to bf16 tie, in steps of 1/16 at 20, and flip greedy tokens); "dequant".
         self.kernel = "auto"
         self._cache: dict[str, Any] = {}
 
@@ -221,9 +262,12 @@ class QuantLinear(nn.Module):
             return "dequant"
         if compiled is None:
             compiled = torch.compiler.is_compiling()
-        return select_kernel(self.bits, self.group_size, self.in_features, self.out_features,
-                             rows=rows, device=self.packed.device.type,
-                             compiled=compiled)  # fmt: skip
+        device = self.packed.device.type
+        kernel = select_kernel(self.bits, self.group_size, self.in_features, self.out_features,
+                               rows=rows, device=device, compiled=compiled)  # fmt: skip
+        if kernel == "tinygemm" and self.kernel == "fp32":
+            return "matvec" if compiled and device in ("cpu", "cuda") else "dequant"
+        return kernel
 
     def prepare_decode(self) -> None:
         """Build the decoding kernel's layout now, outside a compiled graph (which would
@@ -245,22 +289,23 @@ class QuantLinear(nn.Module):
         if kernel == "matvec":
             y = matvec(flat, *prepared, self.bits).to(x.dtype)
         else:
-            weight, scale_and_zero = self._tinygemm()
-            y = torch.ops.aten._weight_int4pack_mm(
-                flat.to(torch.bfloat16).contiguous(), weight, self.group_size, scale_and_zero
-            ).to(x.dtype)
+            y = tinygemm(flat, *self._tinygemm(), self.group_size).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _tinygemm(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The int4 GEMM's weight (in its tiled layout) and scales and offsets, built once
-        from the packed state."""
+        """The int4 GEMM's weight (in its tiled layout for this device) and scales and
+        offsets, built once from the packed state."""
         if "tinygemm" not in self._cache:
-            weight = torch.ops.aten._convert_weight_to_int4pack(
-                tinygemm_pairs(self.codes()), inner_k_tiles(self.in_features)
-            )
-            self._cache["tinygemm"] = (weight, tinygemm_scales(self.scales, self.zeros))
+            codes, scale, offset = tinygemm_operand(self.codes(), self.scales, self.zeros,
+                                                    self.bits)  # fmt: skip
+            tiles = inner_k_tiles(codes.shape[1])
+            if self.packed.device.type == "cpu":
+                weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int(), tiles)
+            else:
+                weight = torch.ops.aten._convert_weight_to_int4pack(tinygemm_pairs(codes), tiles)
+            self._cache["tinygemm"] = (weight, tinygemm_scales(scale, offset))
         return self._cache["tinygemm"]
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
