@@ -13,10 +13,11 @@ random prompts, --threads threads:
   torch.compile, after one untimed warm-up generation that compiles it; the compile time is
   reported).
 
-The tokens of every path are checked against `generate`'s. The load average is printed
-before and after each model: the machine may be shared, and ratios within one run are what
-count. `--device cuda` runs the same on a GPU (packed 4-bit layers then use torch's int4
-tinygemm kernel, in bf16, so tokens may differ from fp32's; the table says how many agree).
+The tokens of every path are checked against `generate`'s: the compiled step's packed 4- and
+8-bit layers use torch's int4 GEMM (tinygemm) in bf16, so its tokens may differ from fp32's;
+the table says how many agree. The load average is printed before and after each model: the
+machine may be shared, and ratios within one run are what count. `--device cuda` runs the
+same on a GPU.
 
     python benchmarks/decode.py                          # default model, 2 threads
     python benchmarks/decode.py --model tiny:llama --configs rtn4 --new-tokens 8  # smoke test
