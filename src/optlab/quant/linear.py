@@ -12,11 +12,11 @@ one thread / two threads: fp32 ``F.linear`` 0.20 / 0.07 ms.
 * ``tinygemm`` (a decoding step of 4- or 8-bit layers, groups of 32-256 dividing the row:
   on CUDA eager or compiled, 4 bits, out_features a multiple of 8; on CPU in the compiled
   decoder, out_features a multiple of 16): torch's int4 GEMM, ``aten._weight_int4pack_mm``
-  / ``_weight_int4pack_mm_for_cpu``, in bf16: 0.07 / 0.055 ms at 4 bits, 0.09 ms at 8 bits
-  (two nibble halves, :func:`tinygemm_operand`), a 49152 x 576 LM head at 8 bits 2.1 ms on
-  two threads. Fed fp32 the CPU kernel has no fast path (3.0 ms, and 1.8 ms for the 8-bit
-  ``_weight_int8pack_mm``): the input goes in as bf16, so a step differs from the exact
-  one by bf16 rounding (~4e-3 of the largest output). Layers whose ``kernel`` is ``"fp32"``
+  / ``_weight_int4pack_mm_for_cpu``, in bf16: 0.068 / 0.055 ms at 4 bits, 0.09 ms at 8 bits
+  on two threads (two nibble halves, :func:`tinygemm_operand`). Fed fp32 the CPU kernel has
+  no fast path (3.0 ms on one thread, and 1.8 ms for the 8-bit ``_weight_int8pack_mm``): the
+  input goes in as bf16, so a step differs from the exact one by bf16 rounding (~4e-3 of
+  the largest output). Layers whose ``kernel`` is ``"fp32"``
   never take it: the LM head, whose logits rounded to bf16 tie and flip greedy tokens.
 * ``matvec`` (CPU or GPU, inside ``torch.compile``, a few rows, groups dividing the row,
   where tinygemm does not apply): the codes are read at their own width and converted
@@ -24,7 +24,8 @@ one thread / two threads: fp32 ``F.linear`` 0.20 / 0.07 ms.
   transposed one, [blocks, block / k, out] bytes with k codes a byte (4-bit: two, 2-bit:
   four; 3 and 8 bits one), so the generated C++ loop vectorises over output channels and
   reduces over the input without a horizontal sum per group: 0.23 / 0.13 ms for the layer
-  above, a 49152 x 576 LM head at 8 bits in 8.6 ms (fp32: 5.3 ms on two threads). Built by
+  above; a 49152 x 576 LM head at 8 bits on two threads 2.2 ms, 3.0 ms with its weights out
+  of cache (fp32: 4.3 / 7.6 ms; tinygemm: 2.2 / 2.8 ms). Built by
   :meth:`QuantLinear.prepare_decode` (the compiled decoder calls it) and held beside
   ``packed``, as is tinygemm's layout.
 
@@ -220,7 +221,7 @@ class QuantLinear(nn.Module):
             nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
         )
         # "auto": the fastest path; "fp32": never tinygemm's bf16 (the LM head: logits
-        # rounded to bf16 tie, in steps of 1/16 at 20, and flip greedy tokens); "dequant".
+        # rounded to bf16 tie, in steps of 1/8 from 16 to 32, and flip greedy tokens); "dequant".
         self.kernel = "auto"
         self._cache: dict[str, Any] = {}
 
