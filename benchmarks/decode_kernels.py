@@ -1,0 +1,94 @@
+"""Where a packed decoding step's time goes: each decoding kernel on one input row of a layer
+(weights in cache, best of --repeats), and with `--profile RUN` a torch.profiler table of the
+compiled greedy steps of a model or run (the figures of BENCHMARKS.md's "torch's int4 GEMM in
+the compiled CPU decoder").
+
+    python benchmarks/decode_kernels.py --threads 1
+    python benchmarks/decode_kernels.py --threads 2 --profile RUN
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+from torch.nn import functional as F
+
+from optlab.quant.linear import QuantLinear, matvec, matvec_layout, tinygemm
+from optlab.quant.quantizer import quantize_rtn
+
+
+def best_ms(run: Callable[[], object], repeats: int) -> float:
+    for _ in range(5):
+        run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return 1e3 * min(times)
+
+
+def kernels(out: int, cols: int, bits: int, group: int, repeats: int) -> dict[str, float]:
+    weight = torch.randn(out, cols) * 0.05
+    qw = quantize_rtn(weight, bits, group)
+    layer = QuantLinear.from_quantized(qw)
+    x = torch.randn(1, cols)
+    layout = matvec_layout(qw.codes, qw.scales.half(), qw.zeros, bits, group)
+    compiled = torch.compile(matvec, dynamic=False)
+    int4, scale_and_offset = layer._tinygemm()
+    times = {
+        "fp32 F.linear": best_ms(lambda: F.linear(x, weight), repeats),
+        "matvec (compiled)": best_ms(lambda: compiled(x, *layout, bits), repeats),
+        "tinygemm (bf16 in)": best_ms(lambda: tinygemm(x, int4, scale_and_offset, group), repeats),
+    }
+    if bits == 4:  # the same kernel fed fp32: no fast path
+        fp32_scales = scale_and_offset.float()
+        times["int4 GEMM fed fp32"] = best_ms(
+            lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, int4, group, fp32_scales),
+            repeats,
+        )
+    return times
+
+
+def profile(model: str, tokens: int) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from optlab.api import load_model
+    from optlab.core.decode import greedy
+
+    lm = load_model(model)
+    prompt = list(range(20, 36))
+    greedy(lm.model, [prompt], 8, eos=(), compile=True)  # compiles the step
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        greedy(lm.model, [prompt], tokens + 1, eos=(), compile=True)
+    print(f"\n{model}: {tokens} compiled steps (and the eager prefill of 16 tokens)")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--profile", metavar="MODEL_OR_RUN", help="also profile its decoding")
+    parser.add_argument("--tokens", type=int, default=64, help="steps to profile")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    shapes = [(1536, 576, 4, 64), (576, 576, 4, 64), (1536, 576, 8, 64), (49152, 576, 8, 32)]
+    print(f"{args.threads} thread(s), one input row, best of {args.repeats}, ms\n")
+    rows = [(shape, kernels(*shape, args.repeats)) for shape in shapes]
+    names = list(dict.fromkeys(name for _, times in rows for name in times))
+    print("| out x in, bits, group | " + " | ".join(names) + " |")
+    print("| --- " * (len(names) + 1) + "|")
+    for (out, cols, bits, group), times in rows:
+        cells = [f"{times[n]:.3f}" if n in times else "-" for n in names]
+        print(f"| {out} x {cols}, {bits}, {group} | " + " | ".join(cells) + " |")
+    if args.profile:
+        profile(args.profile, args.tokens)
+
+
+if __name__ == "__main__":
+    main()
