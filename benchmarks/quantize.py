@@ -62,7 +62,7 @@ paths = {
 }
 if decode != "none":
     with torch.no_grad():
-        lm.model(prompt[:, :8])  # warm-up: builds kernel layouts
+        lm.model(prompt[:, :8])  # warm-up (the compiled step builds its own layouts)
         start = time.perf_counter(); lm.model(prompt); prefill = time.perf_counter() - start
         paths[decode]()  # warm-up: compiles the step
         start = time.perf_counter(); paths[decode](); seconds = time.perf_counter() - start

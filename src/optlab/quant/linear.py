@@ -65,9 +65,10 @@ def select_kernel(
     rows: int,
     device: str,
     compiled: bool,
+    bf16: bool = True,
 ) -> str:
     """The path a forward takes (see the module docstring): 'dequant', 'matvec' or
-    'tinygemm'.
+    'tinygemm' (only with ``bf16``, which a layer whose ``kernel`` is "fp32" turns off).
 
     >>> select_kernel(4, 64, 576, 1536, rows=1, device="cpu", compiled=True)
     'tinygemm'
@@ -79,11 +80,11 @@ def select_kernel(
     if rows > KERNEL_MAX_ROWS or in_features % group_size:
         return "dequant"
     # (a group of 32-256 dividing the row also gives tinygemm's K tiling: see inner_k_tiles)
-    if bits == 4 and group_size in INT4_GROUPS and device == "cuda" and out_features % 8 == 0:
-        return "tinygemm"
-    if bits in (4, 8) and group_size in INT4_GROUPS and device == "cpu" and compiled \
-            and out_features % 16 == 0:  # fmt: skip
-        return "tinygemm"
+    if bf16 and group_size in INT4_GROUPS:
+        if bits == 4 and device == "cuda" and out_features % 8 == 0:
+            return "tinygemm"
+        if bits in (4, 8) and device == "cpu" and compiled and out_features % 16 == 0:
+            return "tinygemm"
     if compiled and device in ("cpu", "cuda"):
         return "matvec"
     return "dequant"
@@ -263,12 +264,9 @@ class QuantLinear(nn.Module):
             return "dequant"
         if compiled is None:
             compiled = torch.compiler.is_compiling()
-        device = self.packed.device.type
-        kernel = select_kernel(self.bits, self.group_size, self.in_features, self.out_features,
-                               rows=rows, device=device, compiled=compiled)  # fmt: skip
-        if kernel == "tinygemm" and self.kernel == "fp32":
-            return "matvec" if compiled and device in ("cpu", "cuda") else "dequant"
-        return kernel
+        return select_kernel(self.bits, self.group_size, self.in_features, self.out_features,
+                             rows=rows, device=self.packed.device.type, compiled=compiled,
+                             bf16=self.kernel != "fp32")  # fmt: skip
 
     def prepare_decode(self) -> None:
         """Build the decoding kernel's layout now, outside a compiled graph (which would
