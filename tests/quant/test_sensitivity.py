@@ -121,7 +121,9 @@ def test_tdmpq_equals_the_per_linear_products_of_each_window_gradient(family) ->
         per_window = [sum(p[name] for name in members) for p in products]
         mean = sum(per_window) / len(per_window)
         expected = abs(mean) + 0.5 * sum(v * v for v in per_window) / len(per_window)
-        assert scores[unit] == pytest.approx(expected, rel=1e-5)
+        # fp32 gradients of a batch and of its rows one by one are summed in different orders:
+        # they differ by ~1e-5 relative on AVX2 machines (AMD EPYC), far below a wrong formula
+        assert scores[unit] == pytest.approx(expected, rel=1e-4)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
