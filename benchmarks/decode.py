@@ -80,6 +80,9 @@ with torch.no_grad():
         if hasattr(module, "kernel_name"):
             name = module.kernel_name(compiled=True)
             kernels[name] = kernels.get(name, 0) + 1
+    narrow = getattr(lm.model.get_output_embeddings(), "_narrow", {}).get("weight")
+    if narrow is not None:  # core.decode.HalfWidthHead: the head read at 16 bits
+        kernels["head " + str(narrow.dtype).removeprefix("torch.")] = 1
     result["kernels"] = kernels
 print(json.dumps(result))
 """

@@ -122,3 +122,82 @@ def test_a_compile_that_fails_falls_back_to_eager_decoding(monkeypatch, caplog) 
     assert "torch.compile failed (InductorError" in caplog.text
     assert decode._compiled[model] is None  # not tried again for this model
     decode._compiled.pop(model)
+
+
+def _half_head_model(dtype: torch.dtype = torch.float16):
+    """tiny:llama with its (tied) head rounded to ``dtype`` values, as a quantized run's is."""
+    model = load_model("tiny:llama").model
+    weight = model.get_output_embeddings().weight
+    with torch.no_grad():
+        weight.copy_(weight.to(dtype).float())
+    return model
+
+
+def test_a_half_width_head_computes_f_linear_inside_torch_compile() -> None:
+    head = torch.nn.Linear(64, 300, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(head.weight.half().float())
+    wide = decode.HalfWidthHead.of(head)
+    assert wide.weight is head.weight and wide.bias is head.bias
+    wide.prepare_decode()
+    assert wide._narrow["weight"].dtype == torch.float16
+    x = torch.randn(2, 1, 64)
+    expected = torch.nn.functional.linear(x, head.weight, head.bias)
+    assert torch.equal(wide(x), expected)  # eager: F.linear itself
+    if compiler_available():
+        assert torch.allclose(torch.compile(wide, dynamic=False)(x), expected, atol=1e-5,
+                              rtol=1e-5)  # fmt: skip
+        # and it is the narrow copy that the compiled graph reads
+        poisoned = decode.HalfWidthHead.of(head)
+        poisoned.prepare_decode()
+        poisoned._narrow["weight"] = torch.zeros(300, 64, dtype=torch.float16)
+        out = torch.compile(poisoned, dynamic=False)(x)
+        assert torch.equal(out, head.bias.detach().expand(2, 1, 300))
+
+
+def test_the_narrow_copy_follows_the_weight() -> None:
+    head = torch.nn.Linear(32, 50, bias=False)
+    wide = decode.HalfWidthHead.of(head)
+    wide.prepare_decode()
+    assert "weight" not in wide._narrow  # random fp32 values: not exact in 16 bits
+    with torch.no_grad():  # bf16 values beyond fp16's range (bf16 values within it fit fp16)
+        head.weight.copy_((head.weight * 1e6).bfloat16().float())
+    wide.prepare_decode()  # an in-place update is seen through the version counter
+    assert wide._narrow["weight"].dtype == torch.bfloat16
+    assert torch.equal(wide._narrow["weight"].float(), head.weight)
+    with torch.no_grad():
+        head.weight.add_(torch.rand(50, 32))
+    wide.prepare_decode()
+    assert "weight" not in wide._narrow  # no longer exact: the step falls back to F.linear
+    wide.load_state_dict({"weight": torch.zeros(50, 32)})
+    wide.prepare_decode()
+    assert torch.equal(wide._narrow["weight"], torch.zeros(50, 32, dtype=torch.float16))
+
+
+def test_only_a_plain_head_of_exact_values_is_made_half_width() -> None:
+    model = load_model("tiny:llama").model
+    decode._half_width_head(model)
+    assert type(model.get_output_embeddings()) is torch.nn.Linear  # random fp32 weights
+    model = _half_head_model()
+    keys, weight = list(model.state_dict()), model.get_output_embeddings().weight
+    decode._half_width_head(model)
+    head = model.get_output_embeddings()
+    assert isinstance(head, decode.HalfWidthHead)
+    assert list(model.state_dict()) == keys
+    assert head.weight is weight  # the very parameter: a tied head stays tied
+
+
+@pytest.mark.skipif(not compiler_available(), reason="torch.compile needs a C++ compiler")
+def test_the_compiled_step_with_a_half_width_head_decodes_token_for_token() -> None:
+    model = _half_head_model()
+    prompts = _prompts()
+    plain = _hf_greedy(model, prompts, 6)
+    assert greedy(model, prompts, 6, eos=(), compile=True) == plain
+    head = model.get_output_embeddings()
+    assert isinstance(head, decode.HalfWidthHead) and "weight" in head._narrow
+    # the weights change after the step was built (training between evaluations): the
+    # compiled step reads the new values, not a stale narrow copy
+    with torch.no_grad():
+        head.weight.copy_(head.weight.flip(0))
+    assert greedy(model, prompts, 6, eos=(), compile=True) == _hf_greedy(model, prompts, 6)
+    decode._compiled.pop(model)

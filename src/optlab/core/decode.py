@@ -19,7 +19,13 @@ and ``generate``'s own bookkeeping (logits processors, stopping criteria, growin
   a decode-only layout build it first through a ``prepare_decode()`` method, by that name
   (quant's ``QuantLinear``; core may not import it). Without a working compiler (inductor
   needs a C++ compiler on CPU) it logs one warning and decodes eagerly, token for token the
-  same.
+  same;
+* a plain fp32 LM head whose weight holds only fp16 (or bf16) values, as a quantized run's
+  16-bit head does, or any model loaded from a half-precision checkpoint, becomes a
+  :class:`HalfWidthHead` for the compiled step: the same values read at half the bytes and
+  summed in fp32. On the idle 2-core AMD EPYC (AVX2) machine, a one-row 49152 x 576 head took
+  4.5 ms in the compiled step against 17.7 ms for fp32 ``F.linear``, a quarter of a packed
+  4-bit step of the default model.
 
 Greedy means the argmax of the logits, no logits processor: the tokens equal Hugging Face
 ``generate(do_sample=False)`` of a model whose generation config adds none.
@@ -41,11 +47,15 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from transformers import StaticCache
 
 log = logging.getLogger("optlab")
 
 MIN_CACHE = 64
+# More rows than this (a batch of prompts decoding together) and HalfWidthHead reads its
+# weight once per row: F.linear's blocked GEMM is then the faster one.
+HALF_MAX_ROWS = 4
 _compiled: weakref.WeakKeyDictionary[nn.Module, Callable[..., torch.Tensor]] = (
     weakref.WeakKeyDictionary()
 )
@@ -89,16 +99,94 @@ def _step(model: nn.Module, ids: torch.Tensor, positions: torch.Tensor, mask: to
     return out.logits[:, -1].argmax(-1)
 
 
+class HalfWidthHead(nn.Linear):
+    """An fp32 LM head whose weight values are all exact in fp16 or bf16, read at that width
+    inside the compiled decoding step: one copy in the narrow dtype, each product summed in
+    fp32, so the logits are ``F.linear``'s values up to the order of summation (no rounding of
+    the input or the output, unlike a half-precision matmul, whose ties would flip greedy
+    tokens). Outside ``torch.compile``, and for more than ``HALF_MAX_ROWS`` rows, it is plain
+    ``F.linear``: prefill, scoring and training are unchanged. It shares the head's weight and
+    bias (a tied head stays tied; the state dict keeps its keys). The narrow copy is rebuilt
+    when the weight changes (another tensor, an in-place update, a load) and dropped when the
+    weight no longer fits the narrow dtype; a write through ``.data``, which bypasses the
+    version counter, is the one change it cannot see."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._narrow: dict[str, Any] = {}
+
+    @classmethod
+    def of(cls, head: nn.Linear) -> HalfWidthHead:
+        """A head computing with ``head``'s very weight and bias (no copy of either)."""
+        new = cls(head.in_features, head.out_features, bias=False, device="meta")
+        new.weight, new.bias = head.weight, head.bias
+        return new
+
+    def prepare_decode(self) -> None:
+        weight = self.weight.detach()
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+        if self._narrow.get("key") == key:
+            return
+        self._narrow.clear()
+        if weight.dtype == torch.float32:
+            for dtype in (torch.float16, torch.bfloat16):
+                narrow = weight.to(dtype)
+                if torch.equal(narrow.to(weight.dtype), weight):
+                    self._narrow["weight"] = narrow
+                    break
+        self._narrow["key"] = key
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        narrow = self._narrow.get("weight") if torch.compiler.is_compiling() else None
+        if narrow is None or x.dtype != torch.float32 or x.numel() > HALF_MAX_ROWS * x.shape[-1]:
+            return F.linear(x, self.weight, self.bias)
+        # inductor fuses the upcast into the reduction: the [rows, out, in] product is never
+        # materialised, and the weight is read once, in 2 bytes a value
+        y = (narrow.to(x.dtype) * x.unsqueeze(-2)).sum(-1)
+        return y if self.bias is None else y + self.bias
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._narrow.clear()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> HalfWidthHead:
+        self._narrow.clear()
+        return super()._apply(fn, recurse)
+
+
+def _half_width_head(model: nn.Module) -> None:
+    """Make the model's head a :class:`HalfWidthHead` where its weight fits fp16 or bf16
+    (only a plain, unhooked ``nn.Linear`` head: anything else is left as it is)."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    if type(head) is not nn.Linear or head.weight.dtype != torch.float32:
+        return
+    if head._forward_hooks or head._forward_pre_hooks or hasattr(head, "_hf_hook"):
+        return
+    candidate = HalfWidthHead.of(head)
+    candidate.prepare_decode()
+    if "weight" in candidate._narrow:
+        model.set_output_embeddings(candidate)
+
+
+def _prepare(model: nn.Module) -> None:
+    for module in model.modules():
+        if callable(getattr(module, "prepare_decode", None)):
+            module.prepare_decode()
+
+
 def _compiled_step(model: nn.Module) -> Callable[..., torch.Tensor] | None:
-    """The model's compiled step (built once; None when no compiler can build it)."""
+    """The model's compiled step (built once; None when no compiler can build it); every
+    call first brings the decode-only layouts up to date with the weights."""
     if model in _compiled:
+        if _compiled[model] is not None:
+            _prepare(model)
         return _compiled[model]
     device = next(model.parameters()).device
     step = None
     if compiler_available(device):
-        for module in model.modules():
-            if callable(getattr(module, "prepare_decode", None)):
-                module.prepare_decode()
+        _half_width_head(model)
+        _prepare(model)
         step = torch.compile(_step, dynamic=False)
     else:
         log.warning("torch.compile needs a C++ compiler (g++ or clang++) on PATH for CPU "
