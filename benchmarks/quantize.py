@@ -8,7 +8,8 @@ once and its later budgets reuse the scores (`--scores-from`). Perplexity and sp
 measured in a fresh process that reloads the saved run (`load_model(RUN)`, packed weights),
 the fp32 model once the same way. Decoding is optlab's static-cache greedy loop with its
 compiled one-token step (`--decode compiled`, after an untimed compiling warm-up) or Hugging
-Face `generate` (`--decode generate`). Prints Markdown.
+Face `generate` (`--decode generate`); prefill and decode are the fastest of `--repeats` runs,
+on both sides. Prints Markdown.
 
 `--llamacpp` adds a second table from the same run, every file measured by llama.cpp (built
 once by `benchmarks/llamacpp.py --build` into a cache outside the repository) on the very
@@ -41,14 +42,14 @@ ALLOCATED = [f"{s}@{b}" for s in ("cmpq", "pmpq", "tdmpq") for b in ("3.5", "4",
 MIXES = "q4_k_m,q4_0,q5_k_m,q8_0"  # llama-quantize's names; the first sets the allocation's bytes
 
 # argv: model, decode (compiled | generate | none: perplexity only), threads, seq_len, limit,
-# prompt tokens, new tokens. Prints one JSON line.
+# prompt tokens, new tokens, repeats (timed runs of each; the fastest kept). Prints one JSON line.
 MEASURE = """
 import json, sys, time, torch
 from optlab.api import load_model
 from optlab.core.decode import greedy
 from optlab.eval.perplexity import wiki_perplexity
 model, decode = sys.argv[1:3]
-threads, seq_len, limit, prompt, new = map(int, sys.argv[3:])
+threads, seq_len, limit, prompt, new, repeats = map(int, sys.argv[3:])
 torch.set_num_threads(threads)
 lm = load_model(model)
 result = {"perplexity": wiki_perplexity(lm, seq_len, limit, progress=False)["perplexity"]}
@@ -60,12 +61,18 @@ paths = {
     "generate": lambda: lm.model.generate(prompt[:, :16], max_new_tokens=new,
                                           min_new_tokens=new, do_sample=False, pad_token_id=0),
 }
+def fastest(run):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter(); run(); times.append(time.perf_counter() - start)
+    return min(times)
+
 if decode != "none":
     with torch.no_grad():
         lm.model(prompt[:, :8])  # warm-up (the compiled step builds its own layouts)
-        start = time.perf_counter(); lm.model(prompt); prefill = time.perf_counter() - start
+        prefill = fastest(lambda: lm.model(prompt))
         paths[decode]()  # warm-up: compiles the step
-        start = time.perf_counter(); paths[decode](); seconds = time.perf_counter() - start
+        seconds = fastest(paths[decode])
     result.update(prefill_tok_s=prompt.shape[1] / prefill, decode_tok_s=new / seconds)
 print(json.dumps(result))
 """
@@ -81,7 +88,8 @@ def optlab(*args: str) -> dict:
 def measure(model: str | Path, args: argparse.Namespace, decode: str | None = None) -> dict:
     """wiki:eval perplexity, prefill and decoding speed of a model, run or GGUF file, in a
     fresh process (``decode="none"``: perplexity only)."""
-    numbers = (args.threads, args.seq_len, args.eval_limit, args.prompt, args.new_tokens)
+    numbers = (args.threads, args.seq_len, args.eval_limit, args.prompt, args.new_tokens,
+               args.repeats)  # fmt: skip
     command = [sys.executable, "-c", MEASURE, str(model), decode or args.decode, *map(str, numbers)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
@@ -143,7 +151,7 @@ def beside_llamacpp(args: argparse.Namespace, runs: dict[str, dict], fp16_mb: fl
     row(*["---"] * 9)
     for name, made_by, path, run in files:
         theirs = llamacpp.measure(path, windows, prompt=args.prompt, new_tokens=args.new_tokens,
-                                  threads=args.threads)  # fmt: skip
+                                  threads=args.threads, rounds=args.repeats)  # fmt: skip
         ours = measure(path, args, decode="none")["perplexity"]
         mb = theirs["file_bytes"] / 1e6
         row(name, made_by, f"{mb:.1f}", f"{fp16_mb / mb:.2f}x",
@@ -164,6 +172,10 @@ def main() -> None:
     parser.add_argument("--eval-limit", type=int, default=40)
     parser.add_argument("--prompt", type=int, default=256, help="prefill tokens for speed")
     parser.add_argument("--new-tokens", type=int, default=32, help="decoded tokens for speed")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed prefills and decodes of each model, optlab's and "
+                             "llama.cpp's alike (the fastest kept: one timing swings by a "
+                             "quarter here)")  # fmt: skip
     parser.add_argument("--decode", choices=("compiled", "generate"), default="compiled",
                         help="optlab's compiled static-cache step, or HF generate")  # fmt: skip
     parser.add_argument("--threads", type=int, default=2, help="torch and llama.cpp threads")
