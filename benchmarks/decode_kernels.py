@@ -1,7 +1,8 @@
 """Where a packed decoding step's time goes: each decoding kernel on one input row of a layer
-(weights in cache, best of --repeats), and with `--profile RUN` a torch.profiler table of the
-compiled greedy steps of a model or run (the figures of BENCHMARKS.md's "torch's int4 GEMM in
-the compiled CPU decoder").
+(best of --repeats; the small layers' weights stay in cache, the 49152-row head's cannot), and
+with `--profile RUN` a torch.profiler table of the compiled greedy steps of a model or run (the
+figures of BENCHMARKS.md's "torch's int4 GEMM in the compiled CPU decoder" and "The LM head
+read at 16 bits").
 
     python benchmarks/decode_kernels.py --threads 1
     python benchmarks/decode_kernels.py --threads 2 --profile RUN
@@ -14,8 +15,10 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 
+from optlab.core.decode import HalfWidthHead
 from optlab.quant.linear import QuantLinear, matvec, matvec_layout, tinygemm
 from optlab.quant.quantizer import quantize_rtn
 
@@ -39,10 +42,17 @@ def kernels(out: int, cols: int, bits: int, group: int, repeats: int) -> dict[st
     layout = matvec_layout(qw.codes, qw.scales.half(), qw.zeros, bits, group)
     compiled = torch.compile(matvec, dynamic=False)
     int4, scale_and_offset = layer._tinygemm()
+    # an unpacked layer of fp16 values (a quantized run's FP16 head) as the compiled step reads it
+    plain = nn.Linear(cols, out, bias=False).requires_grad_(False)
+    plain.weight.copy_(weight.half().float())
+    half_width = HalfWidthHead.of(plain)
+    half_width.prepare_decode()
+    half_width_compiled = torch.compile(half_width, dynamic=False)
     times = {
         "fp32 F.linear": best_ms(lambda: F.linear(x, weight), repeats),
         "matvec (compiled)": best_ms(lambda: compiled(x, *layout, bits), repeats),
         "tinygemm (bf16 in)": best_ms(lambda: tinygemm(x, int4, scale_and_offset, group), repeats),
+        "fp16 values, HalfWidthHead (compiled)": best_ms(lambda: half_width_compiled(x), repeats),
     }
     if bits == 4:  # the same kernel fed fp32: no fast path
         fp32_scales = scale_and_offset.float()
@@ -62,7 +72,9 @@ def profile(model: str, tokens: int) -> None:
 
     lm = load_model(model)
     prompt = list(range(20, 36))
-    greedy(lm.model, [prompt], 8, eos=(), compile=True)  # compiles the step
+    # compiles the step for the profiled run's cache length (a shorter warm-up would leave a
+    # second compilation, for the longer cache, inside the profile)
+    greedy(lm.model, [prompt], tokens + 1, eos=(), compile=True)
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         greedy(lm.model, [prompt], tokens + 1, eos=(), compile=True)
     print(f"\n{model}: {tokens} compiled steps (and the eager prefill of 16 tokens)")
