@@ -187,6 +187,8 @@ def main() -> None:
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     if not configs:
         parser.error("--configs names no configuration")
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     common = ["--n-calib", str(args.n_calib), "--seq-len", str(args.seq_len), "--no-eval",
               "--group-size", args.group_size,
               *(["--embed-bits", args.embed_bits] if args.embed_bits else [])]  # fmt: skip
