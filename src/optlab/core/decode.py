@@ -107,10 +107,10 @@ class HalfWidthHead(nn.Linear):
     tokens). Outside ``torch.compile``, and for more than ``HALF_MAX_ROWS`` rows, it is plain
     ``F.linear``: prefill, scoring and training are unchanged. It shares the head's weight and
     bias (a tied head stays tied; the state dict keeps its keys). Before each compiled
-    decoding (``prepare_decode``) the narrow copy is rebuilt if the weight changed (another
-    tensor, an in-place update, a load) and dropped if it no longer fits the narrow dtype; a
-    write through ``.data``, which bypasses the version counter, is the one change it cannot
-    see."""
+    decoding (``prepare_decode``) the narrow copy is rebuilt if the weight changed, which its
+    key tells (data pointer, version counter, dtype, device: another tensor, a move, an
+    in-place update, a load), and dropped if it no longer fits the narrow dtype; a write
+    through ``.data``, which bypasses the version counter, is the one change it cannot see."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -145,14 +145,6 @@ class HalfWidthHead(nn.Linear):
         # materialised, and the weight is read once, in 2 bytes a value
         y = (narrow.to(x.dtype) * x.unsqueeze(-2)).sum(-1)
         return y if self.bias is None else y + self.bias
-
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._narrow.clear()
-        super()._load_from_state_dict(*args, **kwargs)
-
-    def _apply(self, fn: Any, recurse: bool = True) -> HalfWidthHead:
-        self._narrow.clear()
-        return super()._apply(fn, recurse)
 
 
 def _half_width_head(model: nn.Module) -> None:
