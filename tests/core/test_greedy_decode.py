@@ -5,9 +5,11 @@ the same tokens for fp32 and packed layers, and a clean fallback without a compi
 from __future__ import annotations
 
 import logging
+import types
 
 import pytest
 import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from optlab.core import decode
 from optlab.core.decode import cache_length, compiler_available, greedy
@@ -39,6 +41,41 @@ def test_greedy_over_the_static_cache_is_generates_greedy(family) -> None:
     batched = greedy(model, prompts, 8, eos=())
     assert batched == _hf_greedy(model, prompts, 8)
     assert batched == [_hf_greedy(model, [p], 8)[0] for p in prompts]  # padding changes nothing
+
+
+@pytest.mark.skipif(not compiler_available(), reason="torch.compile needs a C++ compiler")
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2", "gpt_neox", "gemma3_text"])
+def test_the_compiled_step_is_generates_greedy_for_every_family(family) -> None:
+    """llama and gemma3_text have grouped-query attention (2 key heads for 4 query heads),
+    which the compiled step computes without repeating the cache."""
+    model = load_model(f"tiny:{family}").model
+    prompts = _prompts()
+    assert greedy(model, prompts, 8, eos=(), compile=True) == _hf_greedy(model, prompts, 8)
+    assert model.config._attn_implementation == "sdpa"  # set back after every step
+    decode._compiled.pop(model)
+
+
+def test_grouped_attention_of_one_query_token_is_attention_over_repeated_keys() -> None:
+    module = types.SimpleNamespace(num_key_value_groups=3, is_causal=True, training=False)
+    g = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 6, 1, 8, generator=g)
+    key, value = torch.randn(2, 2, 16, 8, generator=g), torch.randn(2, 2, 16, 8, generator=g)
+    mask = torch.ones(2, 1, 1, 16, dtype=torch.bool)
+    mask[0, ..., :5] = False  # a left-padded row
+    mask[:, ..., 12:] = False  # the cache's future slots
+    out, _ = decode._grouped_attention(module, query, key, value, mask, scaling=0.3)
+    # query head h reads key head h // 3
+    keys, values = key.repeat_interleave(3, 1), value.repeat_interleave(3, 1)
+    scores = (query @ keys.transpose(-1, -2) * 0.3).masked_fill(~mask, float("-inf"))
+    expected = (scores.softmax(-1) @ values).transpose(1, 2)
+    assert out.shape == (2, 1, 6, 8)
+    assert torch.allclose(out, expected, atol=1e-6)
+    # more than one query token (a prefill) is transformers' own function, unchanged
+    prefill = torch.randn(2, 6, 4, 8, generator=g)
+    wide = torch.ones(2, 1, 4, 16, dtype=torch.bool)
+    ours, _ = decode._grouped_attention(module, prefill, key, value, wide, scaling=0.3)
+    theirs, _ = sdpa_attention_forward(module, prefill, key, value, wide, scaling=0.3)
+    assert torch.equal(ours, theirs)
 
 
 def test_rows_stop_at_eos_or_their_own_stop_rule_and_the_batch_when_all_have() -> None:
@@ -200,4 +237,32 @@ def test_the_compiled_step_with_a_half_width_head_decodes_token_for_token() -> N
     with torch.no_grad():
         head.weight.copy_(head.weight.flip(0))
     assert greedy(model, prompts, 6, eos=(), compile=True) == _hf_greedy(model, prompts, 6)
+    assert len(decode._compiled[model]) == 1  # an in-place update is no new structure
     decode._compiled.pop(model)
+
+
+@pytest.mark.skipif(not compiler_available(), reason="torch.compile needs a C++ compiler")
+def test_the_compiled_step_follows_the_models_structure_not_only_its_tensors() -> None:
+    """dynamo's guards on the model's modules are dropped (its tensors' stay): a hook or a
+    plain attribute changed after the step was built must still reach the compiled step."""
+    model = load_model("tiny:llama").model
+    prompts = _prompts()
+    plain = greedy(model, prompts, 6, eos=(), compile=True)
+    assert plain == _hf_greedy(model, prompts, 6)
+    mlp = model.model.layers[1].mlp
+    handle = mlp.register_forward_hook(lambda module, args, out: 40 * out)
+    hooked = _hf_greedy(model, prompts, 6)
+    assert hooked != plain  # the hook matters
+    assert greedy(model, prompts, 6, eos=(), compile=True) == hooked
+    handle.remove()
+    assert greedy(model, prompts, 6, eos=(), compile=True) == plain  # its first graph again
+    for layer in model.model.layers:  # a float the attention's forward reads
+        layer.self_attn.scaling *= 8
+    sharper = _hf_greedy(model, prompts, 6)
+    assert sharper != plain
+    assert greedy(model, prompts, 6, eos=(), compile=True) == sharper
+    assert len(decode._compiled[model]) == 3
+    other = load_model("tiny:llama").model  # the same classes and shapes, a graph of its own
+    assert greedy(other, prompts, 6, eos=(), compile=True) == plain
+    decode._compiled.pop(model)
+    decode._compiled.pop(other)
