@@ -25,7 +25,15 @@ and ``generate``'s own bookkeeping (logits processors, stopping criteria, growin
   :class:`HalfWidthHead` for the compiled step: the same values read at half the bytes and
   summed in fp32. On the idle 2-core AMD EPYC (AVX2) machine, a one-row 49152 x 576 head took
   4.5 ms in the compiled step against 17.7 ms for fp32 ``F.linear`` (a third of the default
-  model's packed 4-bit step before).
+  model's packed 4-bit step before);
+* dynamo checks ~11,000 guards on the model before every step (4.5 ms of a ~35 ms step of
+  the default packed model): the compiled step keeps those on its per-call arguments, on
+  globals and on tensor aliasing, and :func:`structure` checks what the others did (classes,
+  hooks, plain attributes, tensor shapes and dtypes) once per decoding, compiling a new
+  step when it differs, so a hook or an attribute set between decodings still takes effect;
+* grouped-query attention (the default model: 9 query heads on 3 key heads) attends without
+  repeating the cache per query head (:func:`_grouped_attention`; transformers does this
+  eagerly but not under ``torch.compile``, where it copied the whole cache in every layer).
 
 Greedy means the argmax of the logits, no logits processor: the tokens equal Hugging Face
 ``generate(do_sample=False)`` of a model whose generation config adds none.
