@@ -6,6 +6,7 @@ read at 16 bits").
 
     python benchmarks/decode_kernels.py --threads 1
     python benchmarks/decode_kernels.py --threads 2 --profile RUN
+    python benchmarks/decode_kernels.py --threads 2 --profile RUN --prompt 256  # a 512-slot cache
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def kernels(out: int, cols: int, bits: int, group: int, repeats: int) -> dict[st
     return times
 
 
-def profile(model: str, tokens: int) -> None:
+def profile(model: str, tokens: int, prompt_tokens: int) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -71,14 +72,22 @@ def profile(model: str, tokens: int) -> None:
     from optlab.core.decode import greedy
 
     lm = load_model(model)
-    prompt = list(range(20, 36))
+    prompt = [20 + i % 200 for i in range(prompt_tokens)]
     # compiles the step for the profiled run's cache length (a shorter warm-up would leave a
     # second compilation, for the longer cache, inside the profile)
     greedy(lm.model, [prompt], tokens + 1, eos=(), compile=True)
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         greedy(lm.model, [prompt], tokens + 1, eos=(), compile=True)
-    print(f"\n{model}: {tokens} compiled steps (and the eager prefill of 16 tokens)")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    events = prof.key_averages()
+    print(f"\n{model}: {tokens} compiled steps (and the eager prefill of {prompt_tokens} tokens)")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=15))
+    graph = [e for e in events if e.key.startswith("## Call CompiledFxGraph")]
+    lookup = [e for e in events if e.key == "TorchDynamo Cache Lookup"]
+    per_step = {"compiled graph": graph, "dynamo's guard check": lookup}
+    for name, found in per_step.items():
+        total = sum(e.cpu_time_total if name == "compiled graph" else e.self_cpu_time_total
+                    for e in found)  # fmt: skip
+        print(f"{name}: {total / 1e3 / tokens:.2f} ms a step")
 
 
 def main() -> None:
@@ -87,6 +96,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--profile", metavar="MODEL_OR_RUN", help="also profile its decoding")
     parser.add_argument("--tokens", type=int, default=64, help="steps to profile")
+    parser.add_argument("--prompt", type=int, default=16, help="prompt tokens of the profile")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     shapes = [(1536, 576, 4, 64), (576, 576, 4, 64), (1536, 576, 8, 64), (49152, 576, 8, 32)]
@@ -99,7 +109,7 @@ def main() -> None:
         cells = [f"{times[n]:.3f}" if n in times else "-" for n in names]
         print(f"| {out} x {cols}, {bits}, {group} | " + " | ".join(cells) + " |")
     if args.profile:
-        profile(args.profile, args.tokens)
+        profile(args.profile, args.tokens, args.prompt)
 
 
 if __name__ == "__main__":
