@@ -26,8 +26,8 @@ and ``generate``'s own bookkeeping (logits processors, stopping criteria, growin
   summed in fp32. On the idle 2-core AMD EPYC (AVX2) machine, a one-row 49152 x 576 head took
   4.5 ms in the compiled step against 17.7 ms for fp32 ``F.linear`` (a third of the default
   model's packed 4-bit step before);
-* dynamo checks ~11,000 guards on the model before every step (4.5 ms of a ~35 ms step of
-  the default packed model): the compiled step keeps those on its per-call arguments, on
+* dynamo checks ~11,000 guards on the model before every step (4.1-4.4 ms of a 34-40 ms
+  step of the default packed model): the compiled step keeps those on its per-call arguments, on
   globals and on tensor aliasing, and :func:`structure` checks what the others did (classes,
   hooks, plain attributes, tensor shapes and dtypes) once per decoding, compiling a new
   step when it differs, so a hook or an attribute set between decodings still takes effect;
@@ -127,9 +127,10 @@ def _grouped_attention(
     without repeating the keys and values per query head: the query heads that share a key
     head become that head's rows, as transformers itself does eagerly (``pack_gqa``), but
     not under ``torch.compile``, where it copies the whole static cache, keys and values,
-    in every layer of every step (with 3 key heads for 9 query heads, a 512-token cache:
-    ~20 ms of a ~47 ms step of the default model). The same products and softmax; anything
-    else is transformers' own function."""
+    in every layer of every step (the default model, 3 key heads for 9 query heads, with a
+    512-slot cache: its packed step's compiled graph took 35.4 ms with the copies and 31.7
+    without). The same products and softmax; anything else is transformers' own
+    function."""
     groups = getattr(module, "num_key_value_groups", 1)
     batch, heads, length, _ = query.shape
     plain = attention_mask is None or attention_mask.shape[1] == 1
@@ -267,8 +268,8 @@ def _keeps(entries: list[Any]) -> list[bool]:
     positions, mask, cache), on globals and on which of the model's tensors are one
     (aliasing), not dynamo's ~11,000 others on the model (its modules' types, constants,
     hooks, dict keys, and its tensors' shapes and dtypes), which :func:`structure` checks
-    once per decoding instead: on the 30-layer default model they took 3.8 of the 4.5 ms
-    that dynamo spent before each ~35 ms step."""
+    once per decoding instead: on the 30-layer default model dynamo's check before each
+    step fell from 4.1-4.4 ms to 0.65 ms."""
     return [_MODEL_SOURCE.match(e.name) is None or e.guard_type == "DUPLICATE_INPUT"
             for e in entries]  # fmt: skip
 
