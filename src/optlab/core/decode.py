@@ -249,7 +249,9 @@ def structure(model: nn.Module) -> tuple[Any, ...]:
     """What a compiled step's code depends on besides its tensors: the config, and every
     module's class (and its ``forward``), training flag, hooks and plain attributes. Read
     once per decoding, it stands in for dynamo's per-step guards on the model (see
-    :func:`_compiled_step`); an in-place weight update leaves it unchanged."""
+    :func:`_compiled_step`); an in-place weight update leaves it unchanged. What it cannot
+    see: a change inside a non-module object a module holds (counted by its type), or a
+    scalar held in a dict (by its type)."""
     config = getattr(model, "config", None)
     parts: list[Any] = [
         None if config is None else config.to_json_string(use_diff=False),
