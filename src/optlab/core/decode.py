@@ -252,17 +252,18 @@ def structure(model: nn.Module) -> tuple[Any, ...]:
     :func:`_compiled_step`); an in-place weight update leaves it unchanged. What it cannot
     see: a change inside a non-module object a module holds (counted by its type), or a
     scalar held in a dict (by its type)."""
-    config = getattr(model, "config", None)
-    parts: list[Any] = [
-        None if config is None else config.to_json_string(use_diff=False),
-        getattr(config, "_attn_implementation", None),
-    ]  # not in the json
+    # the attention implementation is not in the config's json
+    parts: list[Any] = [model.config.to_json_string(use_diff=False),
+                        model.config._attn_implementation]  # fmt: skip
     for name, module in model.named_modules(remove_duplicate=False):
         kind = type(module)
         attributes = tuple((key, _describe(value)) for key, value in vars(module).items()
                            if key != "_modules")  # fmt: skip
         parts.append((name, kind, getattr(kind, "forward", None), attributes))
     return tuple(parts)
+
+
+_MODEL_SOURCE = re.compile(r"^(\w+\()*model\b")
 
 
 def _keeps(entries: list[Any]) -> list[bool]:
@@ -276,7 +277,6 @@ def _keeps(entries: list[Any]) -> list[bool]:
             for e in entries]  # fmt: skip
 
 
-_MODEL_SOURCE = re.compile(r"^(\w+\()*model\b")
 # How many structures of one model keep their compiled steps (a model switching between a
 # few states, as a scorer's kept weights do, does not recompile each time).
 MAX_STRUCTURES = 4
@@ -299,6 +299,7 @@ def _compiled_step(model: nn.Module) -> Callable[..., torch.Tensor] | None:
             _compiled[model] = None
             return None
         _half_width_head(model)
+        _compiled[model] = steps
     _prepare(model)
     key = structure(model)
     if key not in steps:
@@ -306,9 +307,8 @@ def _compiled_step(model: nn.Module) -> Callable[..., torch.Tensor] | None:
             steps.clear()
         fresh = types.FunctionType(_step.__code__.replace(), _step.__globals__, _step.__name__)
         steps[key] = torch.compile(fresh, dynamic=False, options={"guard_filter_fn": _keeps})
-    _compiled[model] = steps
     step, config = steps[key], model.config
-    if getattr(config, "_attn_implementation", None) != "sdpa":
+    if config._attn_implementation != "sdpa":
         return step
 
     def with_decode_attention(*args: Any) -> torch.Tensor:
