@@ -136,3 +136,28 @@ def test_a_quantized_model_dequantizes_once_per_scoring_call() -> None:
     assert len(calls) > 2 * len(layers)  # outside a scoring call: once per forward
     for (a, ga), (b, gb) in zip(kept, apart, strict=True):
         assert a == pytest.approx(b, abs=1e-4) and ga == gb
+
+
+def test_only_the_scored_positions_reach_the_lm_head(lm) -> None:
+    """The head projects the positions that predict scored tokens, no others (padding and
+    context positions stay out), and the scores are those of a full forward."""
+    requests = [(TEXT[:n], TEXT[n : n + 9]) for n in (5, 17, 40, 61, 2)]
+    scorer = Scorer(lm, batch_size=2, progress=False)
+    tokens = scorer.continuation_tokens(requests)
+    seen: list[int] = []
+    head = lm.model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda _m, args, _o: seen.append(
+        args[0].reshape(-1, args[0].shape[-1]).shape[0]))  # fmt: skip
+    try:
+        scored = scorer.score_tokens(tokens)
+    finally:
+        handle.remove()
+    assert sum(seen) == sum(n for _, n in tokens)
+    for (ids, n), (logprob, greedy) in zip(tokens, scored, strict=True):
+        with torch.no_grad():
+            logits = lm.model(torch.tensor([ids[:-1]])).logits[0, -n:]
+        logprobs = F.log_softmax(logits.double(), -1)
+        targets = torch.tensor(ids[-n:])
+        assert logprob == pytest.approx(logprobs.gather(1, targets[:, None]).sum().item(),
+                                        abs=1e-4)  # fmt: skip
+        assert greedy == bool((logits.argmax(-1) == targets).all())

@@ -198,24 +198,33 @@ class Scorer:
                 width = max(len(r) for r in firsts) - 1
                 inputs = torch.full((len(firsts), width), pad, dtype=torch.long)
                 mask = torch.zeros_like(inputs)
-                for r, row in enumerate(firsts):
+                # Only the positions that predict a scored token reach the LM head: on the
+                # default model (49k-token vocabulary) the head is a fifth of the work at each
+                # position, and a multiple-choice input scores one or two of a hundred.
+                keep = torch.zeros((len(firsts), width), dtype=torch.bool)
+                counts = []
+                for r, (u, row) in enumerate(zip(batch, firsts, strict=True)):
                     inputs[r, : len(row) - 1] = torch.tensor(row[:-1])
                     mask[r, : len(row) - 1] = 1
+                    counts.append(max(requests[i][1] for i in inputs_of[u]))
+                    keep[r, len(row) - 1 - counts[-1] : len(row) - 1] = True
                 logits = self.model(
-                    input_ids=inputs.to(self.device), attention_mask=mask.to(self.device)
-                ).logits.float()
-                for r, u in enumerate(batch):
+                    input_ids=inputs.to(self.device),
+                    attention_mask=mask.to(self.device),
+                    logits_to_keep=keep.to(self.device),
+                ).logits.float()  # (kept positions of every row, vocabulary), row after row
+                for row_logits, u in zip(logits.split(counts), batch, strict=True):
                     for i in inputs_of[u]:
-                        results[i] = self._score_row(logits[r], rows[i], requests[i][1])
+                        results[i] = self._score_row(row_logits, rows[i], requests[i][1])
         return results  # type: ignore[return-value]
 
     @staticmethod
     def _score_row(logits: torch.Tensor, row: list[int], n: int) -> tuple[float, bool]:
         """Log-probability of the last ``n`` tokens of ``row`` and whether each is the argmax,
-        from the logits of the forward on ``row[:-1]`` (``n`` fits the row: checked above)."""
-        positions = slice(len(row) - 1 - n, len(row) - 1)
+        from the logits of the forward on ``row[:-1]`` at its last positions (at least ``n``
+        of them; ``n`` fits the row: checked above)."""
         targets = torch.tensor(row[-n:], device=logits.device)
-        logprobs = F.log_softmax(logits[positions], dim=-1)
+        logprobs = F.log_softmax(logits[-n:], dim=-1)
         total = logprobs.gather(1, targets[:, None]).sum().item()
         return total, bool((logprobs.argmax(-1) == targets).all())
 
