@@ -125,6 +125,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each (best kept)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1 (the best of the timed runs is kept)")
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     for config in configs:
         if config not in CONFIGS and not Path(config).is_dir():

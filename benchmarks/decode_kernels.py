@@ -95,6 +95,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="steps to profile")
     parser.add_argument("--prompt", type=int, default=16, help="prompt tokens of the profile")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1 (the best of the timed runs is kept)")
     torch.set_num_threads(args.threads)
     shapes = [(1536, 576, 4, 64), (576, 576, 4, 64), (1536, 576, 8, 64), (49152, 576, 8, 32)]
     print(f"{args.threads} thread(s), one input row, best of {args.repeats}, ms\n")

@@ -184,6 +184,8 @@ def main() -> None:
     parser.add_argument("--gguf-sensitivities", default="tdmpq,cmpq",
                         help="GGUF allocations at the first mix's bytes (--llamacpp)")  # fmt: skip
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1 (the best of the timed runs is kept)")
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     if not configs:
         parser.error("--configs names no configuration")

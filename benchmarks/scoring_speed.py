@@ -57,6 +57,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1 (the best of the timed runs is kept)")
     torch.set_num_threads(args.threads)
     here = str(Path(__file__).resolve().parents[1] / "src")
     trees = {"this": import_tree(here)}

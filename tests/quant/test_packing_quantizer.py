@@ -163,6 +163,9 @@ def test_quant_linear_kernels_agree_with_dequantize_then_matmul(bits, group, out
         assert not layer._cache
     layer.kernel = "dequant"
     assert layer.kernel_name(compiled=True) == "dequant"
+    with pytest.raises(ValueError, match="kernel must be one of auto, fp32, dequant"):
+        layer.kernel = "fp16"  # a misspelt mode is refused, not taken as "auto"
+    assert layer.kernel == "dequant"
     assert layer.storage_bytes() == quantized_bytes(out, 96, bits, qw.group_size)
     assert torch.equal(layer.codes(), qw.codes)
 

@@ -53,7 +53,10 @@ INT4_GROUPS = (32, 64, 128, 256)
 # A forward of more rows than this dequantizes (prefill, scoring); at most this many take the
 # decoding kernels (a decoding step of a batch of up to this many prompts).
 KERNEL_MAX_ROWS = 4
-KERNELS = ("dequant", "matvec", "tinygemm")
+# What a layer's ``kernel`` may be set to: "auto", the fastest path; "fp32", never tinygemm's
+# bf16 (the LM head: logits rounded to bf16 tie, in steps of 1/8 from 16 to 32, and flip
+# greedy tokens); "dequant", always the exact path.
+KERNEL_MODES = ("auto", "fp32", "dequant")
 
 
 def select_kernel(
@@ -221,9 +224,7 @@ class QuantLinear(nn.Module):
         self.bias = (
             nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
         )
-        # "auto": the fastest path; "fp32": never tinygemm's bf16 (the LM head: logits
-        # rounded to bf16 tie, in steps of 1/8 from 16 to 32, and flip greedy tokens); "dequant".
-        self.kernel = "auto"
+        self.kernel = "auto"  # one of KERNEL_MODES
         self._cache: dict[str, Any] = {}
 
     @classmethod
@@ -256,6 +257,17 @@ class QuantLinear(nn.Module):
         """A context in which this layer dequantizes its weight once (what the scorer opens
         around its batches, by this name, as it may not import quant)."""
         return KeepDequantized(self)
+
+    @property
+    def kernel(self) -> str:
+        return self._kernel
+
+    @kernel.setter
+    def kernel(self, mode: str) -> None:
+        # Checked here: a misspelt mode would otherwise act as "auto" without a word.
+        if mode not in KERNEL_MODES:
+            raise ValueError(f"kernel must be one of {', '.join(KERNEL_MODES)}, not {mode!r}")
+        self._kernel = mode
 
     def kernel_name(self, rows: int = 1, compiled: bool | None = None) -> str:
         """Which path a forward of ``rows`` input rows takes (by default: a one-row decoding
