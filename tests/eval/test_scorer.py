@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from optlab.core.models import load_model
 from optlab.eval.perplexity import perplexity
-from optlab.eval.scorer import Scorer
+from optlab.eval.scorer import Scorer, _plan_batches
 from optlab.pruning.masks import pruned_linears
 from optlab.quant.apply import quantize_rtn_model
 from optlab.quant.linear import QuantLinear
@@ -19,6 +19,18 @@ def _token_logprob(model, context: list[int], token: int) -> float:
     with torch.no_grad():
         logits = model(torch.tensor([context])).logits[0, -1]
     return F.log_softmax(logits.double(), -1)[token].item()
+
+
+def _assert_full_forward_scores(lm, tokens, scored) -> None:
+    """Each (log-probability, greedy) equals a separate full forward on its own tokens."""
+    for (ids, n), (logprob, greedy) in zip(tokens, scored, strict=True):
+        with torch.no_grad():
+            logits = lm.model(torch.tensor([ids[:-1]])).logits[0, -n:]
+        logprobs = F.log_softmax(logits.double(), -1)
+        targets = torch.tensor(ids[-n:])
+        assert logprob == pytest.approx(logprobs.gather(1, targets[:, None]).sum().item(),
+                                        abs=1e-4)  # fmt: skip
+        assert greedy == bool((logits.argmax(-1) == targets).all())
 
 
 @pytest.fixture(params=["llama", "opt", "gpt2"])
@@ -102,7 +114,8 @@ def test_generate_is_greedy_batched_and_stops(lm) -> None:
 
 def test_requests_with_the_same_input_share_one_forward(lm) -> None:
     """Two one-token choices after one context are one forward, scored as if run apart."""
-    contexts = [TEXT[:n] for n in (10, 23, 40)]  # none ends in a space
+    # None ends in a space, and no two begin alike (a shared prefix would run apart).
+    contexts = [TEXT[a:b] for a, b in ((0, 10), (11, 34), (40, 80))]
     requests = [(c, choice) for c in contexts for choice in ("x", "y")]
     scorer = Scorer(lm, batch_size=2, progress=False)
     assert all(len(scorer.encode(choice)) == 1 for choice in ("x", "y"))
@@ -153,11 +166,61 @@ def test_only_the_scored_positions_reach_the_lm_head(lm) -> None:
     finally:
         handle.remove()
     assert sum(seen) == sum(n for _, n in tokens)
-    for (ids, n), (logprob, greedy) in zip(tokens, scored, strict=True):
-        with torch.no_grad():
-            logits = lm.model(torch.tensor([ids[:-1]])).logits[0, -n:]
-        logprobs = F.log_softmax(logits.double(), -1)
-        targets = torch.tensor(ids[-n:])
-        assert logprob == pytest.approx(logprobs.gather(1, targets[:, None]).sum().item(),
-                                        abs=1e-4)  # fmt: skip
-        assert greedy == bool((logits.argmax(-1) == targets).all())
+    _assert_full_forward_scores(lm, tokens, scored)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "opt-350m", "gpt2", "gpt_neox", "qwen2",
+                                    "mistral", "gemma3_text"])  # fmt: skip
+def test_inputs_with_a_common_prefix_run_it_once(family) -> None:
+    """A demonstration before several inputs (retrieval scoring) runs once into a cache that
+    each input reads; the scores are those of separate full forwards, on every family (gemma's
+    sliding window of 8 lies inside the shared prefix)."""
+    lm = load_model(f"tiny:{family}")
+    scorer = Scorer(lm, batch_size=4, progress=False)
+    demo = TEXT[:60]
+    requests = [
+        (demo + " \n " + question, answer)
+        for question, answer in [
+            ("Q: day?", " April"),
+            ("Q: clocks?", " striking"),
+            ("Q: what?", " bright"),
+            ("Q: cold?", " yes"),
+            ("Q: when?", " thirteen"),
+            ("Q: it?", " a day"),
+        ]
+    ]
+    requests.append(("Unrelated text of its own", " end"))  # shares no prefix: batched apart
+    tokens = scorer.continuation_tokens(requests)
+    shape: list[tuple[int, ...]] = []
+    handle = lm.model.register_forward_hook(lambda _m, args, kw, _o: shape.append(
+        tuple(kw["input_ids"].shape)), with_kwargs=True)  # fmt: skip
+    try:
+        scored = scorer.score_tokens(tokens)
+    finally:
+        handle.remove()
+    prefix = len(scorer.encode(demo))
+    # The prefix once, then its inputs' remaining tokens in batches of four and two (both
+    # reading the one prefix); the unrelated input alone.
+    assert shape[0][0] == 1 and shape[0][1] >= prefix and shape[1][0] == 4
+    assert sorted(s[0] for s in shape) == [1, 1, 2, 4]
+    assert sum(s[0] * s[1] for s in shape) < sum(len(ids) - 1 for ids, _ in tokens) - 4 * prefix
+    _assert_full_forward_scores(lm, tokens, scored)
+
+
+def test_the_plan_shares_a_prefix_only_where_it_saves_more_than_a_forward_costs() -> None:
+    """The batch plan on hand-made token rows (FORWARD_COST_TOKENS = 48, batches of 8)."""
+    demo = tuple(range(100, 140))  # 40 tokens
+    # Four 2-token inputs after one demonstration, each before four 2-token options: one
+    # group of 16 rows at prefix 40 saves more than four groups of 4 at prefix 42.
+    rows = [(*demo, q, q, 200 + o, 300) for q in range(4) for o in range(4)]
+    plan = _plan_batches(rows, [2] * len(rows), 8)
+    assert plan == [(40, sorted(range(16), key=lambda u: -len(rows[u])))]
+    # Two rows sharing 10 tokens save 10, less than the extra forward: batched as usual,
+    # longest first.
+    pair = [tuple(range(10)) + (1,) * 5, tuple(range(10)) + (2,) * 9]
+    assert _plan_batches(pair, [1, 1], 8) == [(0, [1, 0])]
+    # A shared prefix never covers a scored position: scoring the last 30 of 41 tokens
+    # leaves 11 to share.
+    scored_late = [(*demo, q) for q in range(16)]
+    [(prefix, group)] = _plan_batches(scored_late, [30] * 16, 8)
+    assert prefix == 11 and sorted(group) == list(range(16))
