@@ -189,9 +189,10 @@ class Scorer:
         # longest request of a shared input decides).
         counts = [max(requests[i][1] for i in owners) for owners in shared.values()]
         plan = _plan_batches(inputs, counts, self.batch_size)
-        bar = tqdm(total=sum(len(b) for _, b in plan), desc=desc, disable=not self.progress or None,
-                   leave=False)  # fmt: skip
         with contextlib.ExitStack() as kept:
+            total = sum(len(group) for _, group in plan)
+            bar = kept.enter_context(tqdm(total=total, desc=desc, leave=False,
+                                          disable=not self.progress or None))  # fmt: skip
             # Layers that rebuild their weight on each forward (quant's QuantLinear dequantizes)
             # build it once for the batches of this call only.
             for module in self.model.modules():
@@ -208,7 +209,6 @@ class Scorer:
                         for i in shared[inputs[u]]:
                             results[i] = self._score_row(row_logits, rows[i], requests[i][1])
                     bar.update(len(batch))
-        bar.close()
         return results  # type: ignore[return-value]
 
     def _prefix_cache(self, prefix: Sequence[int]) -> Any:
