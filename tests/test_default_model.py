@@ -28,6 +28,20 @@ def test_default_model_knows_capitals(default_lm) -> None:
     assert paris > rome and greedy
 
 
+def test_default_model_answers_the_shipped_capital_questions(default_lm) -> None:
+    # UPRISE's closed-book QA: after a bare "Answer:" this instruct model ended its turn at
+    # once, so every method scored 0; the template's lead-in must give real answers.
+    from optlab.retrieve.scoring import answer_metric, generation_answers
+    from optlab.retrieve.tasks import shipped_tasks
+
+    examples = shipped_tasks()["country_capital"].examples[40:56]
+    answers = generation_answers(Scorer(default_lm, progress=False), [e.input for e in
+                                 examples], max_new_tokens=8)  # fmt: skip
+    assert all(a.strip() for a in answers), answers
+    right = [answer_metric(a, e.target, e.metric) for a, e in zip(answers, examples, strict=True)]
+    assert sum(right) >= 4, answers
+
+
 def test_demo_writes_a_readable_run(capsys, tmp_path) -> None:
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--limit", "2", "--json"]) == 0
