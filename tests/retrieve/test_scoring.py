@@ -101,6 +101,23 @@ def test_an_interrupted_scoring_resumes_from_its_cache(lm, tmp_path) -> None:
     assert json.dumps(resumed, sort_keys=True) == json.dumps(full, sort_keys=True)
 
 
+def test_the_chunk_size_does_not_change_the_scores(lm) -> None:
+    # A larger chunk batches more prompts together (their shared prefixes run once): the
+    # same rankings and scores, up to float summation order.
+    pool = _pool(6)
+    scorer = Scorer(lm, progress=False)
+    one, six = (score_examples(scorer, pool, {"t": pool}, ScoreConfig(candidates=4, chunk=c))
+                for c in (1, 6))  # fmt: skip
+    assert list(one) == list(six)
+    for uid, row in one.items():
+        mine = {c["uid"]: c for c in row["candidates"]}
+        other = {c["uid"]: c for c in six[uid]["candidates"]}
+        assert sorted(mine) == sorted(other) and len(mine) == 4
+        for c in mine:
+            assert mine[c]["acc"] == other[c]["acc"]
+            assert mine[c]["score"] == pytest.approx(other[c]["score"], rel=1e-5)
+
+
 def test_two_processes_shares_merge_into_the_one_process_table(lm, tmp_path) -> None:
     pool = _pool(5)
     config = ScoreConfig(candidates=2)
