@@ -85,7 +85,13 @@ def main() -> None:
     tasks = split.all_tasks()
     parts = {n: split_task(t, pool_size=args.pool, test_size=args.test, seed=split.split_seed)
              for n, t in tasks.items()}  # fmt: skip
-    pool_all = [e for train, _ in parts.values() for e in train]
+    clusters = args.clusters.split(",") if args.clusters else list(split.clusters())
+    if unknown := sorted(set(clusters) - set(split.clusters())):
+        parser.error(f"unknown cluster(s) {', '.join(unknown)}; the clusters: "
+                     f"{', '.join(split.clusters())}")  # fmt: skip
+    # a cluster held out by every requested run trains no retriever: its pool goes unscored
+    pool_all = [e for train, _ in parts.values() for e in train
+                if any(e.cluster != c for c in clusters)]  # fmt: skip
     by_task = {n: train for n, (train, _) in parts.items()}
     score = ScoreConfig(candidates=args.candidates, max_new_tokens=args.max_new_tokens)
     print(
@@ -104,7 +110,6 @@ def main() -> None:
           "the cached ones too)", flush=True)  # fmt: skip
     retriever = RetrieverConfig(epochs=args.epochs, lr=args.lr, warmup_steps=args.warmup_steps)
     evaluation = RetrievalEval(max_new_tokens=args.max_new_tokens)
-    clusters = args.clusters.split(",") if args.clusters else list(split.clusters())
     main_rows, other_rows = {}, {}
     other = load_model(args.other) if args.other else None
     for cluster in clusters:
