@@ -7,6 +7,8 @@ import pytest
 from optlab.api import evaluate
 from optlab.cli import main
 from optlab.eval.scorer import Scorer
+from optlab.retrieve.scoring import answer_metric, generation_answers
+from optlab.retrieve.tasks import shipped_tasks
 
 pytestmark = pytest.mark.slow
 
@@ -31,9 +33,6 @@ def test_default_model_knows_capitals(default_lm) -> None:
 def test_default_model_answers_the_shipped_capital_questions(default_lm) -> None:
     # UPRISE's closed-book QA: after a bare "Answer:" this instruct model ended its turn at
     # once, so every method scored 0; the template's lead-in must give real answers.
-    from optlab.retrieve.scoring import answer_metric, generation_answers
-    from optlab.retrieve.tasks import shipped_tasks
-
     examples = shipped_tasks()["country_capital"].examples[40:56]
     answers = generation_answers(Scorer(default_lm, progress=False), [e.input for e in
                                  examples], max_new_tokens=8)  # fmt: skip
